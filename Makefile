@@ -1,0 +1,30 @@
+# make demo: set up .venv (first time only) and run the main job end to end on the bundled demo data.
+# make test: set up .venv (first time only) and run the test suite.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEMO_DATA ?= data/demo
+DEMO_SHARDS ?= data/demo-shards
+
+.PHONY: venv test demo bench clean-demo
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: venv
+	$(PY) -m pytest -q
+
+demo: venv
+	$(PY) -m pipelines.sources.demo --out $(DEMO_DATA)
+	$(PY) -m pipelines.shard demo --root $(DEMO_DATA) --out $(DEMO_SHARDS) --workers 2
+	$(PY) -m pipelines.inspect $(DEMO_SHARDS) --split val --out $(DEMO_SHARDS)/preview-val.png
+
+bench: venv
+	$(PY) benchmarks/bench_shard.py
+
+clean-demo:
+	rm -rf $(DEMO_DATA) $(DEMO_SHARDS)

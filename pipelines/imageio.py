@@ -1,0 +1,68 @@
+"""Image bytes: probing what a file is (format, size, complete or truncated) and decoding it.
+
+Shards keep each image's original encoded bytes; nothing here re-encodes. Probing reads only the
+header plus the file's end marker, which catches truncated files at a fraction of a full decode's
+cost; ``full_decode=True`` decodes every pixel as well.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from pipelines import validate
+
+_EXTENSIONS = {"JPEG": "jpg", "PNG": "png"}
+_JPEG_EOI = b"\xff\xd9"
+_PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+# Some encoders pad a finished JPEG with zeros or newlines after its end-of-image marker.
+_JPEG_TRAILING_PADDING = b"\x00\r\n "
+
+
+@dataclass(frozen=True)
+class ImageProbe:
+    """What an image file is: ``ext`` (``jpg``/``png``) and ``size`` ``(W, H)``."""
+
+    ext: str
+    size: tuple[int, int]
+
+
+class ImageError(ValueError):
+    """An image cannot be used; ``reason`` is a :mod:`pipelines.validate` constant."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+
+
+def probe_image(data: bytes, full_decode: bool = False) -> ImageProbe:
+    """Format and size of an encoded image; :class:`ImageError` when it is not a complete
+    JPEG or PNG."""
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Exception as error:  # PIL raises several types for undecodable input
+        raise ImageError(validate.UNREADABLE_IMAGE, f"not a decodable image ({error})") from error
+    if image.format not in _EXTENSIONS:
+        raise ImageError(validate.UNREADABLE_IMAGE, f"format {image.format} is neither JPEG nor PNG")
+    complete = (
+        data.rstrip(_JPEG_TRAILING_PADDING).endswith(_JPEG_EOI) if image.format == "JPEG" else data.endswith(_PNG_IEND)
+    )
+    if not complete:
+        raise ImageError(validate.TRUNCATED_IMAGE, f"{image.format} data ends without its end marker ({len(data)} bytes)")
+    if full_decode:
+        try:
+            image.load()
+        except Exception as error:
+            raise ImageError(validate.UNREADABLE_IMAGE, f"decoding failed ({error})") from error
+    return ImageProbe(_EXTENSIONS[image.format], image.size)
+
+
+def decode_rgb(data: bytes) -> np.ndarray:
+    """Decode an encoded image to ``(H, W, 3)`` uint8 RGB."""
+    with Image.open(io.BytesIO(data)) as image:
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        return np.asarray(image)

@@ -1,0 +1,202 @@
+"""The pair sample: the one contract between shards and every consumer.
+
+Coordinates
+-----------
+Every keypoint is ``(x, y)`` in pixels of the *original* image, 0-based, with pixel ``(0, 0)``
+centred at ``(0.0, 0.0)``; the image covers ``[-0.5, W - 0.5] x [-0.5, H - 0.5]``. Bounding boxes
+are ``(x1, y1, x2, y2)`` in the same frame. How each benchmark's native convention maps onto this
+frame is stated in the module docstring of its reader under ``pipelines.sources``.
+
+On disk (see ``pipelines.shard``) a shard holds image entries first (``<image_key>.jpg|png`` with
+the original encoded bytes and ``<image_key>.json`` with an :class:`ImageInfo`), then pair entries
+(``<pair_key>.pair.json`` with a :func:`pair_to_json` document that names both image keys).
+Everything is JSON; nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+
+ThresholdKind = Literal["bbox", "img", "bbox-kp"]
+"""How PCK's distance threshold is derived from the *target* image:
+``bbox`` max side of the target bbox (SPair-71k, AP-10K), ``img`` max side of the target image
+(PF-PASCAL), ``bbox-kp`` max side of the box around the target's real keypoints (PF-WILLOW)."""
+THRESHOLD_KINDS: tuple[str, ...] = get_args(ThresholdKind)
+
+ExtraValue = int | float | str
+
+_KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_()+-]")
+
+
+def safe_key(*parts: str) -> str:
+    """Join ``parts`` into a WebDataset key: no dots (WebDataset splits a name at its first dot),
+    no slashes or colons. ``safe_key("car(G)", "Cars_006a")`` -> ``"car(G)_Cars_006a"``."""
+    return "_".join(_KEY_UNSAFE.sub("_", part) for part in parts)
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """An image as a reader found it: its shard key, its path relative to the dataset root, and
+    the size ``(W, H)`` its annotation declares, if any (checked against the decoded header)."""
+
+    key: str
+    path: str
+    declared_size: tuple[int, int] | None = None
+
+    @property
+    def ext(self) -> str:
+        """Lower-case file extension without the dot: ``jpg`` or ``png``."""
+        suffix = self.path.rsplit(".", 1)[-1].lower()
+        return "jpg" if suffix == "jpeg" else suffix
+
+
+@dataclass
+class PairRecord:
+    """One annotated pair as a reader parsed it, before any image is opened.
+
+    Shapes: ``src_kps``/``trg_kps`` ``(N, 2)`` float64, ``kps_ids`` ``(N,)`` int64,
+    ``src_bbox``/``trg_bbox`` ``(4,)`` float64. Row ``i`` of both keypoint arrays is the same
+    semantic point, whose dataset-specific id is ``kps_ids[i]``.
+    """
+
+    key: str
+    dataset: str
+    split: str
+    category: str
+    group: str
+    threshold: ThresholdKind
+    src: ImageRef
+    trg: ImageRef
+    src_kps: np.ndarray
+    trg_kps: np.ndarray
+    kps_ids: np.ndarray
+    src_bbox: np.ndarray
+    trg_bbox: np.ndarray
+    origin: str
+    extras: dict[str, ExtraValue] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Reject:
+    """An input that could not be taken: which item, the file at fault, and why.
+
+    ``reason`` is one of :data:`pipelines.validate.REASONS`; ``detail`` says what exactly was
+    wrong in words a person can act on. ``kind`` is ``pair`` for an input pair, ``image`` for an
+    image a benchmark protocol excludes before pairs are formed (AP-10K built from its raw release).
+    """
+
+    item: str
+    file: str
+    reason: str
+    detail: str
+    kind: str = "pair"
+
+    def to_json(self) -> dict[str, str]:
+        return {"kind": self.kind, "item": self.item, "file": self.file, "reason": self.reason, "detail": self.detail}
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """The ``<image_key>.json`` entry stored beside each image in a shard."""
+
+    key: str
+    width: int
+    height: int
+    format: str
+    path: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"key": self.key, "size": [self.width, self.height], "format": self.format, "path": self.path}
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> ImageInfo:
+        width, height = doc["size"]
+        return cls(doc["key"], int(width), int(height), doc["format"], doc["path"])
+
+
+@dataclass
+class PairSample:
+    """A complete pair as the shard reader yields it.
+
+    Shapes: ``src_image``/``trg_image`` ``(H, W, 3)`` uint8 RGB, ``src_kps``/``trg_kps``
+    ``(N, 2)`` float64 (exactly the stored values), ``kps_ids`` ``(N,)`` int64,
+    ``src_bbox``/``trg_bbox`` ``(4,)`` float64,
+    ``src_size``/``trg_size`` ``(W, H)`` of the original images.
+    """
+
+    key: str
+    dataset: str
+    split: str
+    category: str
+    threshold: ThresholdKind
+    src_image_key: str
+    trg_image_key: str
+    src_image: np.ndarray
+    trg_image: np.ndarray
+    src_size: tuple[int, int]
+    trg_size: tuple[int, int]
+    src_kps: np.ndarray
+    trg_kps: np.ndarray
+    kps_ids: np.ndarray
+    src_bbox: np.ndarray
+    trg_bbox: np.ndarray
+    extras: dict[str, ExtraValue]
+
+
+def pair_to_json(pair: PairRecord, src_size: tuple[int, int], trg_size: tuple[int, int]) -> dict[str, Any]:
+    """The ``<pair_key>.pair.json`` document for ``pair``. Floats are written with ``repr``
+    precision by :mod:`json`, so keypoints round-trip bit for bit."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "key": pair.key,
+        "dataset": pair.dataset,
+        "split": pair.split,
+        "category": pair.category,
+        "threshold": pair.threshold,
+        "kps_ids": [int(i) for i in pair.kps_ids],
+        "src": _side_to_json(pair.src.key, src_size, pair.src_kps, pair.src_bbox),
+        "trg": _side_to_json(pair.trg.key, trg_size, pair.trg_kps, pair.trg_bbox),
+        "extras": dict(pair.extras),
+        "origin": pair.origin,
+    }
+
+
+def _side_to_json(image_key: str, size: tuple[int, int], kps: np.ndarray, bbox: np.ndarray) -> dict[str, Any]:
+    return {
+        "image": image_key,
+        "size": [int(size[0]), int(size[1])],
+        "kps": [[float(x), float(y)] for x, y in kps],
+        "bbox": [float(v) for v in bbox],
+    }
+
+
+def sample_from_json(doc: dict[str, Any], src_image: np.ndarray, trg_image: np.ndarray) -> PairSample:
+    """Build a :class:`PairSample` from a pair document and its two decoded images."""
+    if doc.get("schema_version") != SCHEMA_VERSION:
+        raise ValueError(f"pair {doc.get('key')!r}: schema_version {doc.get('schema_version')!r}, expected {SCHEMA_VERSION}")
+    src, trg = doc["src"], doc["trg"]
+    return PairSample(
+        key=doc["key"],
+        dataset=doc["dataset"],
+        split=doc["split"],
+        category=doc["category"],
+        threshold=doc["threshold"],
+        src_image_key=src["image"],
+        trg_image_key=trg["image"],
+        src_image=src_image,
+        trg_image=trg_image,
+        src_size=(int(src["size"][0]), int(src["size"][1])),
+        trg_size=(int(trg["size"][0]), int(trg["size"][1])),
+        src_kps=np.asarray(src["kps"], dtype=np.float64).reshape(-1, 2),
+        trg_kps=np.asarray(trg["kps"], dtype=np.float64).reshape(-1, 2),
+        kps_ids=np.asarray(doc["kps_ids"], dtype=np.int64),
+        src_bbox=np.asarray(src["bbox"], dtype=np.float64),
+        trg_bbox=np.asarray(trg["bbox"], dtype=np.float64),
+        extras=dict(doc["extras"]),
+    )

@@ -1,0 +1,500 @@
+"""Shard a benchmark into image-once WebDataset tar files, with an index and a rejects list.
+
+    python -m pipelines.shard spair --root /data/SPair-71k --out s3://bucket/spair --workers 8
+
+For each split the pairs a reader yields are validated, grouped by their ``group`` (category,
+species or family), and chunked so a shard stays under ``--max-shard-bytes``. A shard is complete
+in itself: it holds every image its pairs use, each stored once with its original bytes, first
+(``<image_key>.jpg|png`` + ``<image_key>.json``), then the pairs (``<pair_key>.pair.json``).
+
+Output, under ``--out``:
+    <split>-000000.tar ...   the shards
+    index.parquet            one row per written pair (key, split, shard, image keys, flags, ...)
+    rejects.jsonl            one row per input that could not be taken, with file and reason
+    summary.json             counts per split; input pairs = written + rejected, always
+    _manifests/              per-shard records that make a re-run resume where a run stopped
+
+Shards appear under their final names only when complete, and the index is written last. A
+re-run skips every shard whose manifest matches the current plan, so an interrupted job finishes
+without duplicating or losing pairs; the output does not depend on ``--workers``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import hashlib
+import io
+import json
+import logging
+import multiprocessing
+import os
+import re
+import sys
+import tempfile
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import webdataset as wds
+from tqdm import tqdm
+
+from pipelines import validate
+from pipelines.imageio import ImageError, probe_image
+from pipelines.schema import PairRecord, Reject, pair_to_json
+from pipelines.sources import SOURCE_NAMES, get_source
+from pipelines.storage import Location
+
+log = logging.getLogger("pipelines.shard")
+
+DEFAULT_MAX_SHARD_BYTES = 128 * 2**20
+MANIFEST_DIR = "_manifests"
+TAR_BLOCK = 512
+SHARD_FORMAT_VERSION = 1
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}.tar"
+
+
+def _tar_entry_bytes(payload: int) -> int:
+    """Bytes a tar entry of ``payload`` bytes takes: one header block plus padded data."""
+    return TAR_BLOCK + -(-payload // TAR_BLOCK) * TAR_BLOCK
+
+
+@dataclass
+class ShardPlan:
+    """One shard to write: its pairs (sorted) and a fingerprint of everything that decides its bytes."""
+
+    split: str
+    name: str
+    pairs: list[PairRecord]
+    fingerprint: str = ""
+
+
+@dataclass
+class SplitPlan:
+    split: str
+    input_pairs: int
+    shards: list[ShardPlan]
+    rejects: list[Reject] = field(default_factory=list)
+
+
+def read_split(source_name: str, root: Location, split: str) -> tuple[list[PairRecord], list[Reject], int]:
+    """All items a reader yields for ``split``, with duplicates and image-free checks applied.
+    Returns ``(valid pairs, rejects, input pair count)``."""
+    source = get_source(source_name)
+    pairs, rejects = [], []
+    first_seen: dict[str, str] = {}
+    excluded_images: set[tuple[str, str]] = set()
+    input_pairs = 0
+    for item in tqdm(source.read_pairs(root, split), desc=f"{split}: annotations", unit=" pairs", leave=False):
+        if isinstance(item, Reject):
+            if item.kind == "image":
+                if (item.item, item.reason) not in excluded_images:
+                    excluded_images.add((item.item, item.reason))
+                    rejects.append(item)
+                continue
+            input_pairs += 1
+            rejects.append(item)
+            continue
+        input_pairs += 1
+        if item.key in first_seen:
+            rejects.append(Reject(item.key, item.origin, validate.DUPLICATE_PAIR, f"same pair as {first_seen[item.key]}"))
+            continue
+        first_seen[item.key] = item.origin
+        problems = validate.check_pair(item)
+        if problems:
+            rejects.extend(problems[:1])
+            continue
+        pairs.append(item)
+    return pairs, rejects, input_pairs
+
+
+def plan_split(
+    split: str, pairs: list[PairRecord], image_bytes: dict[str, int], max_shard_bytes: int
+) -> list[ShardPlan]:
+    """Group pairs by ``group`` and chunk each group greedily, in a fixed order, so that a shard's
+    estimated tar size (distinct images + pair entries) stays under ``max_shard_bytes``. A single
+    pair larger than the bound gets a shard of its own."""
+    by_group: dict[str, list[PairRecord]] = defaultdict(list)
+    for pair in pairs:
+        by_group[pair.group].append(pair)
+    shards: list[ShardPlan] = []
+    for group in sorted(by_group):
+        current: list[PairRecord] = []
+        images: set[str] = set()
+        size = 0
+        for pair in sorted(by_group[group], key=lambda p: (p.src.key, p.trg.key, p.key)):
+            cost = _planned_bytes(pair, images, image_bytes)
+            if current and size + cost > max_shard_bytes:
+                shards.append(ShardPlan(split, shard_name(split, len(shards)), current))
+                current, images, size = [], set(), 0
+                cost = _planned_bytes(pair, images, image_bytes)
+            current.append(pair)
+            images |= {pair.src.path, pair.trg.path}
+            size += cost
+        if current:
+            shards.append(ShardPlan(split, shard_name(split, len(shards)), current))
+    for shard in shards:
+        shard.fingerprint = _fingerprint(shard, image_bytes)
+    return shards
+
+
+def _planned_bytes(pair: PairRecord, shard_images: set[str], image_bytes: dict[str, int]) -> int:
+    """Tar bytes ``pair`` adds to a shard already holding ``shard_images``: its pair entry, plus an
+    image entry and an image-info entry for each image the shard does not hold yet."""
+    cost = _tar_entry_bytes(len(json.dumps(pair_to_json(pair, (0, 0), (0, 0)))))
+    for path in {pair.src.path, pair.trg.path} - shard_images:
+        cost += _tar_entry_bytes(image_bytes[path]) + _tar_entry_bytes(TAR_BLOCK)
+    return cost
+
+
+def _fingerprint(shard: ShardPlan, image_bytes: dict[str, int]) -> str:
+    digest = hashlib.sha256(f"v{SHARD_FORMAT_VERSION}:{shard.name}".encode())
+    for pair in shard.pairs:
+        doc = pair_to_json(pair, (0, 0), (0, 0))
+        doc["_paths"] = [pair.src.path, image_bytes[pair.src.path], pair.trg.path, image_bytes[pair.trg.path]]
+        digest.update(json.dumps(doc, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def prepare_split(
+    source_name: str, root: Location, split: str, max_shard_bytes: int
+) -> SplitPlan:
+    """Read, validate and plan one split. Pairs whose images do not exist are rejected here."""
+    pairs, rejects, input_pairs = read_split(source_name, root, split)
+    image_bytes: dict[str, int] = {}
+    for directory in sorted({os.path.dirname(p.src.path) for p in pairs} | {os.path.dirname(p.trg.path) for p in pairs}):
+        image_bytes.update(root.list_files(directory))
+    present = []
+    for pair in pairs:
+        missing = [p for p in (pair.src.path, pair.trg.path) if p not in image_bytes]
+        if missing:
+            rejects.append(Reject(pair.key, missing[0], validate.MISSING_IMAGE, f"{root.full(missing[0])} does not exist"))
+        else:
+            present.append(pair)
+    return SplitPlan(split, input_pairs, plan_split(split, present, image_bytes, max_shard_bytes), rejects)
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    root: Location
+    out: Location
+    plan: ShardPlan
+    full_decode: bool
+
+
+def write_shard(job: ShardJob) -> dict:
+    """Write one shard and then its manifest; return the manifest. Images that cannot be used
+    reject the pairs that need them; a shard whose pairs were all rejected is still written
+    (empty) so shard numbering has no gaps."""
+    plan, root, out = job.plan, job.root, job.out
+    image_data: dict[str, bytes] = {}
+    image_meta: dict[str, dict] = {}
+    image_errors: dict[str, ImageError] = {}
+    for pair in plan.pairs:
+        for ref in (pair.src, pair.trg):
+            if ref.path in image_data or ref.path in image_errors:
+                continue
+            try:
+                data = root.read_bytes(ref.path)
+                probe = probe_image(data, job.full_decode)
+            except ImageError as error:
+                image_errors[ref.path] = error
+                continue
+            except OSError as error:
+                image_errors[ref.path] = ImageError(validate.UNREADABLE_IMAGE, f"cannot read ({error})")
+                continue
+            image_data[ref.path] = data
+            image_meta[ref.path] = {"key": ref.key, "ext": probe.ext, "size": probe.size}
+    _check_unique_keys(plan, image_meta)
+
+    rows, rejects, written = [], [], []
+    for pair in plan.pairs:
+        bad = next((ref for ref in (pair.src, pair.trg) if ref.path in image_errors), None)
+        if bad is not None:
+            error = image_errors[bad.path]
+            rejects.append(Reject(pair.key, bad.path, error.reason, f"{root.full(bad.path)}: {error}"))
+            continue
+        src_size, trg_size = image_meta[pair.src.path]["size"], image_meta[pair.trg.path]["size"]
+        problems = validate.check_against_images(pair, src_size, trg_size)
+        if problems:
+            rejects.append(problems[0])
+            continue
+        written.append((pair, json.dumps(pair_to_json(pair, src_size, trg_size)).encode()))
+
+    used_images: dict[str, None] = {}
+    for pair, _ in written:
+        used_images.setdefault(pair.src.path)
+        used_images.setdefault(pair.trg.path)
+    stored = selfcontained = 0
+    with tempfile.NamedTemporaryFile(dir=out.scratch_dir(), prefix=f".{plan.name}.", suffix=".partial", delete=False) as tmp:
+        with wds.TarWriter(tmp, encoder=False, mtime=0, format="PAX_FORMAT") as tar:
+            for path in used_images:
+                meta = image_meta[path]
+                info = {"key": meta["key"], "size": list(meta["size"]), "format": meta["ext"], "path": path}
+                info_bytes = json.dumps(info).encode()
+                tar.write({"__key__": meta["key"], meta["ext"]: image_data[path], "json": info_bytes})
+                stored += len(image_data[path]) + len(info_bytes)
+            for pair, doc_bytes in written:
+                tar.write({"__key__": pair.key, "pair.json": doc_bytes})
+                stored += len(doc_bytes)
+                selfcontained += len(image_data[pair.src.path]) + len(image_data[pair.trg.path]) + len(doc_bytes)
+                rows.append(_index_row(pair, plan.name))
+    tar_bytes = os.path.getsize(tmp.name)
+    out.put_file(plan.name, tmp.name)
+    manifest = {
+        "fingerprint": plan.fingerprint,
+        "shard": plan.name,
+        "split": plan.split,
+        "rows": rows,
+        "rejects": [r.to_json() for r in rejects],
+        "images": len(used_images),
+        "payload_bytes": stored,
+        "selfcontained_bytes": selfcontained,
+        "tar_bytes": tar_bytes,
+    }
+    out.put_bytes(_manifest_path(plan), json.dumps(manifest).encode())
+    return manifest
+
+
+def _check_unique_keys(plan: ShardPlan, image_meta: dict[str, dict]) -> None:
+    """Entries sharing a key would merge into one WebDataset sample: a reader bug, never data."""
+    owners: dict[str, str] = {}
+    for path, meta in image_meta.items():
+        if owners.setdefault(meta["key"], path) != path:
+            raise ValueError(f"{plan.name}: image key {meta['key']!r} names both {owners[meta['key']]} and {path}")
+    for pair in plan.pairs:
+        if pair.key in owners:
+            raise ValueError(f"{plan.name}: pair key {pair.key!r} is also an image key")
+
+
+def _index_row(pair: PairRecord, shard: str) -> dict:
+    row = {
+        "key": pair.key,
+        "split": pair.split,
+        "shard": shard,
+        "dataset": pair.dataset,
+        "category": pair.category,
+        "group": pair.group,
+        "threshold": pair.threshold,
+        "src_image": pair.src.key,
+        "trg_image": pair.trg.key,
+        "num_keypoints": int(len(pair.kps_ids)),
+        "origin": pair.origin,
+    }
+    clash = row.keys() & pair.extras.keys()
+    if clash:
+        raise ValueError(f"{pair.origin}: extra fields {sorted(clash)} clash with index columns")
+    row.update(pair.extras)
+    return row
+
+
+def _manifest_path(plan: ShardPlan) -> str:
+    return f"{MANIFEST_DIR}/{plan.split}/{plan.name}.json"
+
+
+def _finished_shards(out: Location, split_plan: SplitPlan) -> set[str]:
+    """Shards of the plan already written completely by an earlier run with the same plan."""
+    existing = out.list_files("")
+    finished = set()
+    for shard in split_plan.shards:
+        manifest_path = _manifest_path(shard)
+        if shard.name in existing and manifest_path in existing:
+            if json.loads(out.read_text(manifest_path)).get("fingerprint") == shard.fingerprint:
+                finished.add(shard.name)
+    return finished
+
+
+def _clean_stale(out: Location, split_plan: SplitPlan) -> None:
+    """Remove partial files of an interrupted local run, and shards of this split that an
+    earlier, different plan numbered beyond the current one."""
+    planned = {shard.name for shard in split_plan.shards}
+    pattern = re.compile(rf"^{re.escape(split_plan.split)}-\d{{6}}\.tar$")
+    for path in out.list_files(""):
+        name = path.rsplit("/", 1)[-1]
+        if not out.remote and name.startswith(".") and name.endswith((".partial", ".tmp")):
+            out.remove(path)
+        elif "/" not in path and pattern.match(name) and name not in planned:
+            log.warning("removing %s: not part of the current plan for split %s", out.full(path), split_plan.split)
+            out.remove(path)
+            out.remove(f"{MANIFEST_DIR}/{split_plan.split}/{name}.json")
+
+
+def run_jobs(jobs: list[ShardJob], workers: int) -> Iterable[dict]:
+    """Run shard jobs in ``workers`` processes (in-process for 1), yielding manifests as they
+    finish. Processes start with forkserver: forking a process that holds boto3 clients or
+    threads is unsafe."""
+    if workers <= 1:
+        yield from map(write_shard, jobs)
+        return
+    context = multiprocessing.get_context("forkserver")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        futures = [pool.submit(write_shard, job) for job in jobs]
+        for future in concurrent.futures.as_completed(futures):
+            yield future.result()
+
+
+def shard_split(
+    source_name: str, root: Location, out: Location, split: str, max_shard_bytes: int, workers: int, full_decode: bool
+) -> None:
+    """Read, plan and write one split; then record it as complete in ``_manifests/<split>.json``."""
+    split_plan = prepare_split(source_name, root, split, max_shard_bytes)
+    _clean_stale(out, split_plan)
+    finished = _finished_shards(out, split_plan)
+    if finished:
+        log.info("%s: %d of %d shards already complete, resuming", split, len(finished), len(split_plan.shards))
+    jobs = [ShardJob(root, out, plan, full_decode) for plan in split_plan.shards if plan.name not in finished]
+    total_pairs = sum(len(job.plan.pairs) for job in jobs)
+    with tqdm(total=total_pairs, desc=f"{split}: shards", unit=" pairs") as progress:
+        for manifest in run_jobs(jobs, workers):
+            progress.update(len(manifest["rows"]) + len(manifest["rejects"]))
+    record = {
+        "split": split,
+        "dataset": source_name,
+        "input_pairs": split_plan.input_pairs,
+        "shards": [shard.name for shard in split_plan.shards],
+        "rejects": [{"split": split, **r.to_json()} for r in split_plan.rejects],
+    }
+    out.put_bytes(f"{MANIFEST_DIR}/{split}.json", json.dumps(record).encode())
+
+
+def finalize(out: Location) -> dict:
+    """Build ``index.parquet``, ``rejects.jsonl`` and ``summary.json`` from the manifests of every
+    completed split in ``out`` (so splits sharded by separate runs share one index). Written last."""
+    listing = out.list_files(MANIFEST_DIR)
+    split_records = [json.loads(out.read_text(p)) for p in listing if p.count("/") == 1 and p.endswith(".json")]
+    rows, reject_rows, summary = [], [], {}
+    for record in sorted(split_records, key=lambda r: r["split"]):
+        split = record["split"]
+        manifests = [json.loads(out.read_text(f"{MANIFEST_DIR}/{split}/{name}.json")) for name in record["shards"]]
+        split_rows = [row for m in manifests for row in m["rows"]]
+        shard_rejects = [{"split": split, **r} for m in manifests for r in m["rejects"]]
+        split_rejects = record["rejects"] + shard_rejects
+        pair_rejects = [r for r in split_rejects if r["kind"] == "pair"]
+        if record["input_pairs"] != len(split_rows) + len(pair_rejects):
+            raise RuntimeError(
+                f"{split}: {record['input_pairs']} input pairs but {len(split_rows)} written + {len(pair_rejects)} rejected"
+            )
+        stored = sum(m["payload_bytes"] for m in manifests)
+        selfcontained = sum(m["selfcontained_bytes"] for m in manifests)
+        summary[split] = {
+            "dataset": record["dataset"],
+            "input_pairs": record["input_pairs"],
+            "written_pairs": len(split_rows),
+            "rejected_pairs": len(pair_rejects),
+            "rejects_by_reason": dict(sorted(Counter(r["reason"] for r in pair_rejects).items())),
+            "excluded_images": len(split_rejects) - len(pair_rejects),
+            "shards": len(manifests),
+            "images_stored": sum(m["images"] for m in manifests),
+            "tar_bytes": sum(m["tar_bytes"] for m in manifests),
+            "payload_bytes_stored": stored,
+            "payload_bytes_selfcontained": selfcontained,
+            "stored_over_selfcontained": round(stored / selfcontained, 4) if selfcontained else None,
+        }
+        rows.extend(split_rows)
+        reject_rows.extend(split_rejects)
+    sink = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows) if rows else pa.table({"key": pa.array([], pa.string())}), sink)
+    out.put_bytes("rejects.jsonl", "".join(json.dumps(r) + "\n" for r in reject_rows).encode())
+    out.put_bytes("summary.json", json.dumps(summary, indent=2).encode())
+    out.put_bytes("index.parquet", sink.getvalue())
+    return summary
+
+
+def shard_dataset(
+    source_name: str,
+    root: Location,
+    out: Location,
+    splits: list[str] | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    workers: int = 1,
+    full_decode: bool = False,
+) -> dict:
+    """Shard ``splits`` (default: all of the source's) of ``root`` into ``out``; return the summary."""
+    source = get_source(source_name)
+    for split in splits or source.splits:
+        if split not in source.splits:
+            raise ValueError(f"{source_name} has no split {split!r}; choose from {', '.join(source.splits)}")
+        shard_split(source_name, root, out, split, max_shard_bytes, workers, full_decode)
+    return finalize(out)
+
+
+def _parse_bytes(text: str) -> int:
+    units = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmg]i?b?|)\s*", text.lower())
+    unit = match and match.group(2).rstrip("b") + ("b" if match.group(2).endswith("ib") else "")
+    if not match or unit not in units:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 268435456, 256MiB or 200MB")
+    return int(float(match.group(1)) * units[unit])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.shard",
+        description=__doc__.split("\n\n")[0],
+        epilog="Datasets: "
+        + "; ".join(f"{name}: {get_source(name).summary}" for name in SOURCE_NAMES)
+        + ". See README.md for each dataset's expected layout.",
+    )
+    parser.add_argument("dataset", choices=SOURCE_NAMES, help="which benchmark layout --root holds")
+    parser.add_argument("--root", required=True, help="dataset root: a local directory or s3://bucket/prefix")
+    parser.add_argument("--out", required=True, help="output directory or s3://bucket/prefix")
+    parser.add_argument(
+        "--split", action="append", help="split to shard (repeatable; default: every split of the dataset)"
+    )
+    parser.add_argument(
+        "--max-shard-bytes",
+        type=_parse_bytes,
+        default=DEFAULT_MAX_SHARD_BYTES,
+        help=f"size bound per shard, e.g. 256MiB (default {DEFAULT_MAX_SHARD_BYTES // 2**20}MiB)",
+    )
+    parser.add_argument("--workers", type=int, default=1, help="parallel shard-writing processes (default 1)")
+    parser.add_argument(
+        "--s3-endpoint-url",
+        default=os.environ.get("AWS_ENDPOINT_URL"),
+        help="endpoint of an S3-compatible store (default: $AWS_ENDPOINT_URL, else AWS)",
+    )
+    parser.add_argument(
+        "--full-decode", action="store_true", help="decode every image fully while validating (default: header and end marker)"
+    )
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    return parser
+
+
+def format_summary(summary: dict) -> str:
+    lines = []
+    for split, s in summary.items():
+        ratio = s["stored_over_selfcontained"]
+        lines.append(
+            f"{split}: {s['input_pairs']} input pairs = {s['written_pairs']} written + {s['rejected_pairs']} rejected"
+            f" | {s['shards']} shards, {s['images_stored']} images, {s['tar_bytes'] / 1e6:.1f} MB"
+            f" | stored/self-contained bytes = {ratio}"
+        )
+        for reason, count in s["rejects_by_reason"].items():
+            lines.append(f"    {reason}: {count}")
+        if s["excluded_images"]:
+            lines.append(f"    images excluded by the benchmark protocol: {s['excluded_images']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    root = Location(args.root, args.s3_endpoint_url)
+    out = Location(args.out, args.s3_endpoint_url)
+    try:
+        summary = shard_dataset(args.dataset, root, out, args.split, args.max_shard_bytes, args.workers, args.full_decode)
+    except (FileNotFoundError, ValueError) as error:
+        log.error("%s", error)
+        return 2
+    print(format_summary(summary))
+    print(f"index: {out.full('index.parquet')}  rejects: {out.full('rejects.jsonl')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

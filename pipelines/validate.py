@@ -1,0 +1,118 @@
+"""The validation checklist as pure functions: each returns the reasons a pair cannot be taken.
+
+Readers under ``pipelines.sources`` reject what they cannot parse (a missing or malformed
+annotation file, a keypoint list whose parts disagree in length). Everything a parsed pair can
+still get wrong is checked here, so every dataset obeys the same rules. Nothing is clamped or
+repaired: a pair with one bad keypoint is rejected whole, with the reason and the offending values.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipelines.schema import PairRecord, Reject
+
+MISSING_ANNOTATION = "missing-annotation"
+MALFORMED_ANNOTATION = "malformed-annotation"
+INCONSISTENT_ANNOTATION = "inconsistent-annotation"
+MISSING_IMAGE = "missing-image"
+UNREADABLE_IMAGE = "unreadable-image"
+TRUNCATED_IMAGE = "truncated-image"
+IMAGE_SIZE_MISMATCH = "image-size-mismatch"
+KEYPOINT_COUNT_MISMATCH = "keypoint-count-mismatch"
+NO_KEYPOINTS = "no-keypoints"
+NAN_KEYPOINTS = "nan-keypoints"
+KEYPOINT_OUTSIDE_IMAGE = "keypoint-outside-image"
+EMPTY_BBOX = "empty-bbox"
+INVERTED_BBOX = "inverted-bbox"
+BBOX_OUTSIDE_IMAGE = "bbox-outside-image"
+SAME_IMAGE = "same-image"
+DUPLICATE_PAIR = "duplicate-pair"
+EXCLUDED_IMAGE = "excluded-image"
+
+REASONS: dict[str, str] = {
+    MISSING_ANNOTATION: "an annotation file the pair needs does not exist",
+    MALFORMED_ANNOTATION: "an annotation file (JSON, CSV, .mat) cannot be parsed or lacks a field",
+    INCONSISTENT_ANNOTATION: "annotation fields contradict each other or the file's location",
+    MISSING_IMAGE: "an image file the pair needs does not exist",
+    UNREADABLE_IMAGE: "an image file is not a decodable JPEG or PNG",
+    TRUNCATED_IMAGE: "an image file ends before its end-of-image marker",
+    IMAGE_SIZE_MISMATCH: "the image size in the annotation differs from the image file",
+    KEYPOINT_COUNT_MISMATCH: "source keypoints, target keypoints and keypoint ids differ in number",
+    NO_KEYPOINTS: "the pair has no keypoint annotated in both images",
+    NAN_KEYPOINTS: "a keypoint coordinate is NaN or infinite",
+    KEYPOINT_OUTSIDE_IMAGE: "a keypoint lies outside its image",
+    EMPTY_BBOX: "a bounding box has zero width or height",
+    INVERTED_BBOX: "a bounding box has x2 < x1 or y2 < y1",
+    BBOX_OUTSIDE_IMAGE: "a bounding box reaches more than one pixel outside its image",
+    SAME_IMAGE: "source and target are the same image",
+    DUPLICATE_PAIR: "the pair was already listed earlier in the input",
+    EXCLUDED_IMAGE: "an image left out by the benchmark's own protocol (e.g. AP-10K crowd images)",
+}
+
+BBOX_TOLERANCE_PX = 1.0
+"""How far a box corner may reach past the pixel-centre frame: VOC-style inclusive boxes of
+SPair-71k and PF-PASCAL legitimately end on the last pixel's outer edge."""
+
+
+def check_pair(pair: PairRecord) -> list[Reject]:
+    """Checks that need no image: counts, NaN, bboxes, self-pairs."""
+    reasons = []
+    counts = (len(pair.src_kps), len(pair.trg_kps), len(pair.kps_ids))
+    if len(set(counts)) != 1:
+        reasons.append(_reject(pair, KEYPOINT_COUNT_MISMATCH, f"{counts[0]} source, {counts[1]} target keypoints, {counts[2]} ids"))
+    elif counts[0] == 0:
+        reasons.append(_reject(pair, NO_KEYPOINTS, "0 keypoints"))
+    for side, kps in (("source", pair.src_kps), ("target", pair.trg_kps)):
+        bad_rows = np.flatnonzero(~np.isfinite(kps).all(axis=1)) if len(kps) else []
+        if len(bad_rows):
+            reasons.append(_reject(pair, NAN_KEYPOINTS, f"{side} keypoint rows {list(map(int, bad_rows))} are not finite"))
+    for side, bbox in (("source", pair.src_bbox), ("target", pair.trg_bbox)):
+        reasons.extend(_check_bbox_shape(pair, side, bbox))
+    if pair.src.path == pair.trg.path:
+        reasons.append(_reject(pair, SAME_IMAGE, f"both sides are {pair.src.path}"))
+    return reasons
+
+
+def _check_bbox_shape(pair: PairRecord, side: str, bbox: np.ndarray) -> list[Reject]:
+    if bbox.shape != (4,) or not np.isfinite(bbox).all():
+        return [_reject(pair, MALFORMED_ANNOTATION, f"{side} bbox {bbox.tolist()} is not 4 finite numbers")]
+    x1, y1, x2, y2 = bbox
+    if x2 < x1 or y2 < y1:
+        return [_reject(pair, INVERTED_BBOX, f"{side} bbox {bbox.tolist()}")]
+    if x2 == x1 or y2 == y1:
+        return [_reject(pair, EMPTY_BBOX, f"{side} bbox {bbox.tolist()}")]
+    return []
+
+
+def check_against_images(pair: PairRecord, src_size: tuple[int, int], trg_size: tuple[int, int]) -> list[Reject]:
+    """Checks against the real image sizes ``(W, H)``: declared sizes, keypoints inside
+    ``[-0.5, W - 0.5] x [-0.5, H - 0.5]``, bboxes inside that frame widened by
+    :data:`BBOX_TOLERANCE_PX`."""
+    reasons = []
+    for side, ref, size, kps, bbox in (
+        ("source", pair.src, src_size, pair.src_kps, pair.src_bbox),
+        ("target", pair.trg, trg_size, pair.trg_kps, pair.trg_bbox),
+    ):
+        if ref.declared_size is not None and tuple(ref.declared_size) != tuple(size):
+            reasons.append(
+                _reject(pair, IMAGE_SIZE_MISMATCH, f"{side} annotation says {list(ref.declared_size)}, {ref.path} is {list(size)} (W, H)", ref.path)
+            )
+            continue
+        width, height = size
+        if len(kps) and np.isfinite(kps).all():
+            outside = np.flatnonzero(
+                (kps[:, 0] < -0.5) | (kps[:, 0] > width - 0.5) | (kps[:, 1] < -0.5) | (kps[:, 1] > height - 0.5)
+            )
+            if len(outside):
+                rows = {int(i): kps[i].tolist() for i in outside}
+                reasons.append(_reject(pair, KEYPOINT_OUTSIDE_IMAGE, f"{side} keypoints {rows} outside a {width}x{height} image"))
+        if bbox.shape == (4,) and np.isfinite(bbox).all():
+            low, tol = -0.5 - BBOX_TOLERANCE_PX, BBOX_TOLERANCE_PX
+            if bbox[0] < low or bbox[1] < low or bbox[2] > width - 0.5 + tol or bbox[3] > height - 0.5 + tol:
+                reasons.append(_reject(pair, BBOX_OUTSIDE_IMAGE, f"{side} bbox {bbox.tolist()} outside a {width}x{height} image"))
+    return reasons
+
+
+def _reject(pair: PairRecord, reason: str, detail: str, file: str | None = None) -> Reject:
+    return Reject(item=pair.key, file=file or pair.origin, reason=reason, detail=detail)

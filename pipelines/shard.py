@@ -31,6 +31,7 @@ import multiprocessing
 import os
 import re
 import sys
+import tarfile
 import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Iterable
@@ -38,12 +39,11 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import webdataset as wds
 from tqdm import tqdm
 
 from pipelines import validate
 from pipelines.imageio import ImageError, probe_image
-from pipelines.schema import PairRecord, Reject, pair_to_json
+from pipelines.schema import ImageInfo, PairRecord, Reject, pair_to_json
 from pipelines.sources import SOURCE_NAMES, get_source
 from pipelines.storage import Location
 
@@ -127,7 +127,7 @@ def plan_split(
         current: list[PairRecord] = []
         images: set[str] = set()
         size = 0
-        for pair in sorted(by_group[group], key=lambda p: (p.src.key, p.trg.key, p.key)):
+        for pair in _locality_order(by_group[group]):
             cost = _planned_bytes(pair, images, image_bytes)
             if current and size + cost > max_shard_bytes:
                 shards.append(ShardPlan(split, shard_name(split, len(shards)), current))
@@ -141,6 +141,20 @@ def plan_split(
     for shard in shards:
         shard.fingerprint = _fingerprint(shard, image_bytes)
     return shards
+
+
+def _locality_order(pairs: list[PairRecord]) -> list[PairRecord]:
+    """Order pairs so the set of images they need grows as slowly as possible: rank images by
+    key, then take every pair among images ``0..k`` before any pair that needs image ``k + 1``.
+    When a group must be split across shards, each shard then holds few images and many of the
+    pairs among them, which keeps images stored more than once to a minimum."""
+    rank = {key: i for i, key in enumerate(sorted({p.src.key for p in pairs} | {p.trg.key for p in pairs}))}
+
+    def order(pair: PairRecord) -> tuple:
+        ranks = sorted((rank[pair.src.key], rank[pair.trg.key]))
+        return ranks[1], ranks[0], pair.key
+
+    return sorted(pairs, key=order)
 
 
 def _planned_bytes(pair: PairRecord, shard_images: set[str], image_bytes: dict[str, int]) -> int:
@@ -232,15 +246,16 @@ def write_shard(job: ShardJob) -> dict:
         used_images.setdefault(pair.trg.path)
     stored = selfcontained = 0
     with tempfile.NamedTemporaryFile(dir=out.scratch_dir(), prefix=f".{plan.name}.", suffix=".partial", delete=False) as tmp:
-        with wds.TarWriter(tmp, encoder=False, mtime=0, format="PAX_FORMAT") as tar:
+        with tarfile.open(fileobj=tmp, mode="w", format=tarfile.PAX_FORMAT) as tar:
             for path in used_images:
                 meta = image_meta[path]
-                info = {"key": meta["key"], "size": list(meta["size"]), "format": meta["ext"], "path": path}
-                info_bytes = json.dumps(info).encode()
-                tar.write({"__key__": meta["key"], meta["ext"]: image_data[path], "json": info_bytes})
+                info = ImageInfo(meta["key"], *meta["size"], meta["ext"], path)
+                info_bytes = json.dumps(info.to_json()).encode()
+                _add_entry(tar, f"{meta['key']}.{meta['ext']}", image_data[path])
+                _add_entry(tar, f"{meta['key']}.json", info_bytes)
                 stored += len(image_data[path]) + len(info_bytes)
             for pair, doc_bytes in written:
-                tar.write({"__key__": pair.key, "pair.json": doc_bytes})
+                _add_entry(tar, f"{pair.key}.pair.json", doc_bytes)
                 stored += len(doc_bytes)
                 selfcontained += len(image_data[pair.src.path]) + len(image_data[pair.trg.path]) + len(doc_bytes)
                 rows.append(_index_row(pair, plan.name))
@@ -259,6 +274,14 @@ def write_shard(job: ShardJob) -> dict:
     }
     out.put_bytes(_manifest_path(plan), json.dumps(manifest).encode())
     return manifest
+
+
+def _add_entry(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """One tar member with fixed metadata, so equal inputs give byte-identical shards."""
+    member = tarfile.TarInfo(name)
+    member.size, member.mtime, member.mode = len(data), 0, 0o444
+    member.uname = member.gname = "bigdata"
+    tar.addfile(member, io.BytesIO(data))
 
 
 def _check_unique_keys(plan: ShardPlan, image_meta: dict[str, dict]) -> None:

@@ -1,0 +1,1 @@
+"""Distributed PCK evaluation and reports; consumes ``pipelines.reader`` and ``sm_train``'s model."""

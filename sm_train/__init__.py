@@ -1,0 +1,1 @@
+"""SimpleMatch model and distributed training on Ray Train; consumes ``pipelines.reader``."""

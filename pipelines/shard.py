@@ -349,12 +349,12 @@ def _clean_stale(out: Location, split_plan: SplitPlan) -> None:
 
 def run_jobs(jobs: list[ShardJob], workers: int) -> Iterable[dict]:
     """Run shard jobs in ``workers`` processes (in-process for 1), yielding manifests as they
-    finish. Processes start with forkserver: forking a process that holds boto3 clients or
-    threads is unsafe."""
+    finish. Processes are spawned: forking a process that holds boto3 clients or threads is
+    unsafe, and a forkserver would keep the environment (credentials, endpoints) of its first use."""
     if workers <= 1:
         yield from map(write_shard, jobs)
         return
-    context = multiprocessing.get_context("forkserver")
+    context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
         futures = [pool.submit(write_shard, job) for job in jobs]
         for future in concurrent.futures.as_completed(futures):

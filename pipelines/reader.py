@@ -18,6 +18,7 @@ import io
 import json
 import random
 from collections.abc import Iterable, Iterator
+from functools import partial
 from typing import Any
 
 import pyarrow.parquet as pq
@@ -76,13 +77,14 @@ def pair_dataset(
     else:
         order_seed = seed + epoch if shuffle_buffer else None
         stages = [wds.SimpleShardList(urls, seed=order_seed), wds.split_by_node, wds.split_by_worker]
-    stages += [open_shards(shards.endpoint_url), shard_files, group_by_keys, assemble_pairs]
+    # Stages are module-level functions (bound with partial) so that DataLoader workers started
+    # with spawn or forkserver can unpickle the pipeline.
+    stages += [partial(open_shards, endpoint_url=shards.endpoint_url), shard_files, group_by_keys, assemble_pairs]
     if shuffle_buffer:
-        stages.append(shuffle_pairs(shuffle_buffer, seed + epoch))
+        stages.append(partial(shuffle_pairs, buffer_size=shuffle_buffer, seed=seed + epoch))
     return wds.DataPipeline(*stages)
 
 
-@wds.pipelinefilter
 def open_shards(sources: Iterable[dict], endpoint_url: str | None = None) -> Iterator[dict]:
     """``{"url"}`` items -> ``{"url", "stream"}`` for local paths and ``s3://`` URLs."""
     for source in sources:
@@ -152,7 +154,6 @@ def _shard_pairs(url: str | None, images: dict[str, tuple[bytes, dict]], pairs: 
                 del last_use[key]
 
 
-@wds.pipelinefilter
 def shuffle_pairs(samples: Iterable[PairSample], buffer_size: int, seed: int) -> Iterator[PairSample]:
     """Shuffle within a buffer of ``buffer_size`` samples, with a different stream per rank and
     DataLoader worker (seeded from ``seed`` and their ids, so runs are reproducible)."""

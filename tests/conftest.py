@@ -75,3 +75,27 @@ def s3_bucket(s3_endpoint: str) -> str:
     name = f"test-{uuid.uuid4().hex[:12]}"
     s3_client(s3_endpoint).create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small demo dataset in the SPair-71k layout, generated once per session."""
+    from pipelines.sources.demo import generate
+
+    return generate(
+        tmp_path_factory.mktemp("demo") / "demo",
+        images_per_category=16,
+        pairs_per_category={"trn": 60, "val": 12, "test": 12},
+        size=(200, 150),
+    )
+
+
+@pytest.fixture(scope="session")
+def demo_shards(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``demo_root`` sharded with a small bound, so every split spans several shards."""
+    from pipelines.shard import shard_dataset
+    from pipelines.storage import Location
+
+    out = tmp_path_factory.mktemp("demo-shards")
+    shard_dataset("demo", Location(str(demo_root)), Location(str(out)), max_shard_bytes=60_000)
+    return out

@@ -122,24 +122,27 @@ def plan_split(
     by_group: dict[str, list[PairRecord]] = defaultdict(list)
     for pair in pairs:
         by_group[pair.group].append(pair)
+    # The pair document without image sizes: its length sizes the pair's tar entry, its bytes
+    # enter the fingerprint.
+    documents = {pair.key: json.dumps(pair_to_json(pair, (0, 0), (0, 0))).encode() for pair in pairs}
     shards: list[ShardPlan] = []
     for group in sorted(by_group):
         current: list[PairRecord] = []
         images: set[str] = set()
         size = 0
         for pair in _locality_order(by_group[group]):
-            cost = _planned_bytes(pair, images, image_bytes)
+            cost = _planned_bytes(pair, len(documents[pair.key]), images, image_bytes)
             if current and size + cost > max_shard_bytes:
                 shards.append(ShardPlan(split, shard_name(split, len(shards)), current))
                 current, images, size = [], set(), 0
-                cost = _planned_bytes(pair, images, image_bytes)
+                cost = _planned_bytes(pair, len(documents[pair.key]), images, image_bytes)
             current.append(pair)
             images |= {pair.src.path, pair.trg.path}
             size += cost
         if current:
             shards.append(ShardPlan(split, shard_name(split, len(shards)), current))
     for shard in shards:
-        shard.fingerprint = _fingerprint(shard, image_bytes)
+        shard.fingerprint = _fingerprint(shard, documents, image_bytes)
     return shards
 
 
@@ -157,21 +160,21 @@ def _locality_order(pairs: list[PairRecord]) -> list[PairRecord]:
     return sorted(pairs, key=order)
 
 
-def _planned_bytes(pair: PairRecord, shard_images: set[str], image_bytes: dict[str, int]) -> int:
+def _planned_bytes(pair: PairRecord, document_bytes: int, shard_images: set[str], image_bytes: dict[str, int]) -> int:
     """Tar bytes ``pair`` adds to a shard already holding ``shard_images``: its pair entry, plus an
     image entry and an image-info entry for each image the shard does not hold yet."""
-    cost = _tar_entry_bytes(len(json.dumps(pair_to_json(pair, (0, 0), (0, 0)))))
+    cost = _tar_entry_bytes(document_bytes)
     for path in {pair.src.path, pair.trg.path} - shard_images:
         cost += _tar_entry_bytes(image_bytes[path]) + _tar_entry_bytes(TAR_BLOCK)
     return cost
 
 
-def _fingerprint(shard: ShardPlan, image_bytes: dict[str, int]) -> str:
+def _fingerprint(shard: ShardPlan, documents: dict[str, bytes], image_bytes: dict[str, int]) -> str:
+    """A digest of everything that decides the shard's bytes: pairs, image paths and sizes."""
     digest = hashlib.sha256(f"v{SHARD_FORMAT_VERSION}:{shard.name}".encode())
     for pair in shard.pairs:
-        doc = pair_to_json(pair, (0, 0), (0, 0))
-        doc["_paths"] = [pair.src.path, image_bytes[pair.src.path], pair.trg.path, image_bytes[pair.trg.path]]
-        digest.update(json.dumps(doc, sort_keys=True).encode())
+        digest.update(documents[pair.key])
+        digest.update(json.dumps([pair.src.path, image_bytes[pair.src.path], pair.trg.path, image_bytes[pair.trg.path]]).encode())
     return digest.hexdigest()
 
 

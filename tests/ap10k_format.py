@@ -26,6 +26,9 @@ CATEGORIES = (
 CATEGORY_IDS = {species: cat_id for cat_id, species, _ in CATEGORIES}
 FAMILIES = {species: family for _, species, family in CATEGORIES}
 
+ReleasePart = tuple[list[dict], list[dict]]
+"""``(COCO images, COCO annotations)`` of one split1 file."""
+
 
 @functools.cache
 def tiny_jpeg() -> bytes:
@@ -52,7 +55,14 @@ def keypoints(image_id: int, labelled: Iterable[int], occluded: Iterable[int] = 
 
 
 def coco_image(image_id: int, width: int = 64, height: int = 48) -> dict:
-    return {"license": 1, "id": image_id, "file_name": f"{image_id:012d}.jpg", "width": width, "height": height, "background": 1}
+    return {
+        "license": 1,
+        "id": image_id,
+        "file_name": f"{image_id:012d}.jpg",
+        "width": width,
+        "height": height,
+        "background": 1,
+    }
 
 
 def coco_annotation(
@@ -79,8 +89,9 @@ def coco_annotation(
 
 def coco_document(images: Sequence[dict], annotations: Sequence[dict]) -> dict:
     """A COCO file as AP-10K ships it (info, licenses, images, annotations, categories)."""
+    joint_names = [f"joint_{j}" for j in range(JOINTS)]
     categories = [
-        {"id": cat_id, "name": species, "supercategory": family, "keypoints": [f"joint_{j}" for j in range(JOINTS)], "skeleton": [[1, 2]]}
+        {"id": cat_id, "name": species, "supercategory": family, "keypoints": joint_names, "skeleton": [[1, 2]]}
         for cat_id, species, family in CATEGORIES
     ]
     return {
@@ -92,13 +103,14 @@ def coco_document(images: Sequence[dict], annotations: Sequence[dict]) -> dict:
     }
 
 
-def write_raw_release(root: Path, parts: dict[str, tuple[Sequence[dict], Sequence[dict]]], with_images: bool = True) -> Path:
+def write_raw_release(root: Path, parts: dict[str, ReleasePart], with_images: bool = True) -> Path:
     """``annotations/ap10k-<part>-split1.json`` for each of train/val/test (``parts[part]`` =
     ``(images, annotations)``, empty when absent) and, if ``with_images``, ``data/<file_name>``."""
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     for part in SPLIT1_PARTS:
         images, annotations = parts.get(part, ((), ()))
-        (root / "annotations" / f"ap10k-{part}-split1.json").write_text(json.dumps(coco_document(images, annotations), indent=4))
+        document = coco_document(images, annotations)
+        (root / "annotations" / f"ap10k-{part}-split1.json").write_text(json.dumps(document, indent=4))
         if with_images:
             (root / "data").mkdir(exist_ok=True)
             for image in images:
@@ -106,10 +118,10 @@ def write_raw_release(root: Path, parts: dict[str, tuple[Sequence[dict], Sequenc
     return root
 
 
-def single_animal_release(species_images: dict[str, Sequence[int]], labelled=range(JOINTS)) -> dict[str, tuple[list, list]]:
+def single_animal_release(species_images: dict[str, Sequence[int]], labelled=range(JOINTS)) -> dict[str, ReleasePart]:
     """One fully labelled animal per image, ``species -> image ids``; the images are dealt across
     the three split1 files in turn (so file order is not image-id order)."""
-    parts: dict[str, tuple[list, list]] = {part: ([], []) for part in SPLIT1_PARTS}
+    parts: dict[str, ReleasePart] = {part: ([], []) for part in SPLIT1_PARTS}
     counter = 0
     for species, image_ids in species_images.items():
         for image_id in image_ids:
@@ -120,7 +132,9 @@ def single_animal_release(species_images: dict[str, Sequence[int]], labelled=ran
     return parts
 
 
-def image_annotation_document(image_id: int, species: str, labelled: Iterable[int] = range(JOINTS), **overrides) -> dict:
+def image_annotation_document(
+    image_id: int, species: str, labelled: Iterable[int] = range(JOINTS), **overrides
+) -> dict:
     """A GeoAware ``ImageAnnotation`` document: ``{**annotation, **image, name, supercategory}``."""
     annotation = coco_annotation(9000 + image_id, image_id, species, labelled)
     return {**annotation, **coco_image(image_id), "name": species, "supercategory": FAMILIES[species], **overrides}

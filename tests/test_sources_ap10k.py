@@ -21,6 +21,9 @@ from pipelines.storage import Location
 from tests import ap10k_format as fmt
 from tests.conftest import REPO_ROOT
 
+MALFORMED, INCONSISTENT = validate.MALFORMED_ANNOTATION, validate.INCONSISTENT_ANNOTATION
+TRAIN_FILE, VAL_FILE, TEST_FILE = ap10k.RAW_ANNOTATION_FILES
+
 SMALL = ap10k.Protocol(
     test_per_species=4,
     val_per_species=2,
@@ -45,14 +48,21 @@ MIXED_SPECIES = {
     "tiger": range(41, 45),
     "panda": range(51, 54),
 }
-MIXED_LABELLED = {41: range(14, 17), 42: range(14, 17), 51: range(0, 3), 52: range(0, 3), 5: (0, 1, 2, 16), 7: (2, 3, 4)}
+MIXED_LABELLED = {
+    41: range(14, 17),
+    42: range(14, 17),
+    51: range(0, 3),
+    52: range(0, 3),
+    5: (0, 1, 2, 16),
+    7: (2, 3, 4),
+}
 
 
 def labelled_set(image_id: int) -> set[int]:
     return set(MIXED_LABELLED.get(image_id, range(fmt.JOINTS)))
 
 
-def mixed_release_parts() -> dict[str, tuple[list, list]]:
+def mixed_release_parts() -> dict[str, fmt.ReleasePart]:
     parts = fmt.single_animal_release(MIXED_SPECIES)
     for _, annotations in parts.values():
         for annotation in annotations:
@@ -100,7 +110,9 @@ def split_lists(species_ids: dict[str, range], protocol: ap10k.Protocol) -> dict
         n_test = min(protocol.test_per_species, len(ids))
         n_val = min(protocol.val_per_species, len(ids) - n_test)
         n_trn = len(ids) - n_test - n_val
-        lists["trn"][species], lists["val"][species], lists["test"][species] = ids[:n_trn], ids[n_trn : n_trn + n_val], ids[n_trn + n_val :]
+        lists["trn"][species] = ids[:n_trn]
+        lists["val"][species] = ids[n_trn : n_trn + n_val]
+        lists["test"][species] = ids[n_trn + n_val :]
     return lists
 
 
@@ -137,9 +149,22 @@ def test_real_sample_gives_its_only_possible_pair_cross_family(real_sample_root)
     [pair] = read(real_sample_root, "test_cross_family")
     assert pair.key == "000000000004_000000037516_all"
     assert (pair.category, pair.group, pair.threshold, pair.dataset) == ("all", "all", "bbox", "ap10k")
-    assert pair.extras == {"src_species": "antelope", "trg_species": "jaguar", "src_family": "Bovidae", "trg_family": "Felidae"}
-    assert (pair.src.key, pair.src.path, pair.src.declared_size) == ("antelope_000000000004", "data/000000000004.jpg", (1024, 683))
-    assert (pair.trg.key, pair.trg.path, pair.trg.declared_size) == ("jaguar_000000037516", "data/000000037516.jpg", (1200, 867))
+    assert pair.extras == {
+        "src_species": "antelope",
+        "trg_species": "jaguar",
+        "src_family": "Bovidae",
+        "trg_family": "Felidae",
+    }
+    assert (pair.src.key, pair.src.path, pair.src.declared_size) == (
+        "antelope_000000000004",
+        "data/000000000004.jpg",
+        (1024, 683),
+    )
+    assert (pair.trg.key, pair.trg.path, pair.trg.declared_size) == (
+        "jaguar_000000037516",
+        "data/000000037516.jpg",
+        (1200, 867),
+    )
     # Joint 1 (R_Eye) is v = 0 at (0, 0) in both annotations: masked.
     np.testing.assert_array_equal(pair.kps_ids, [0, *range(2, 17)])
     assert pair.kps_ids.dtype == np.int64 and pair.src_kps.dtype == np.float64
@@ -157,16 +182,22 @@ def test_real_sample_gives_its_only_possible_pair_cross_family(real_sample_root)
     assert validate.check_against_images(pair, pair.src.declared_size, pair.trg.declared_size) == []
 
 
-def test_real_sample_builds_geoaware_image_annotations(real_sample_root, tmp_path):
+def test_real_sample_builds_geoaware_image_annotations(real_sample_root, tmp_path, caplog):
+    (real_sample_root / "data/000000000004.jpg").unlink()  # a missing image: warned, pairs still listed
     out = tmp_path / "layout"
     counts = ap10k.build_pair_layout(Location(str(real_sample_root)), out)
+    assert "000000000004.jpg is missing" in caplog.text
+    assert not (out / "JPEGImages/Bovidae/antelope/000000000004.jpg").exists()
     assert counts == {split: int(split == "test_cross_family") for split in ap10k.SPLITS}
     doc = json.loads((out / "ImageAnnotation/Bovidae/antelope/000000000004.json").read_text())
     # {**annotation, **image, name, supercategory}: the image id (4) overwrites the annotation id (6).
-    assert (doc["id"], doc["image_id"], doc["category_id"], doc["name"], doc["supercategory"]) == (4, 4, 1, "antelope", "Bovidae")
-    assert (doc["width"], doc["height"], doc["file_name"], doc["iscrowd"], doc["background"]) == (1024, 683, "000000000004.jpg", 0, 1)
+    identity = [doc[k] for k in ("id", "image_id", "category_id", "name", "supercategory")]
+    assert identity == [4, 4, 1, "antelope", "Bovidae"]
+    image_fields = [doc[k] for k in ("width", "height", "file_name", "iscrowd", "background")]
+    assert image_fields == [1024, 683, "000000000004.jpg", 0, 1]
     assert doc["bbox"] == [408, 197, 429, 341] and len(doc["keypoints"]) == 51
-    assert (out / "JPEGImages/Felidae/jaguar/000000037516.jpg").read_bytes() == (real_sample_root / "data/000000037516.jpg").read_bytes()
+    copied = (out / "JPEGImages/Felidae/jaguar/000000037516.jpg").read_bytes()
+    assert copied == (real_sample_root / "data/000000037516.jpg").read_bytes()
     pair_file = json.loads((out / "PairAnnotation/test_cross_family/000000000004-000000037516:all.json").read_text())
     assert pair_file == {
         "src_json_path": "ImageAnnotation/Bovidae/antelope/000000000004.json",
@@ -184,8 +215,13 @@ def test_real_sample_builds_geoaware_image_annotations(real_sample_root, tmp_pat
 
 def test_split_is_last_30_test_previous_20_val_rest_trn_by_image_id(tmp_path):
     # Ids listed in descending order and dealt across the three files: only the id decides.
-    root = fmt.write_raw_release(tmp_path, fmt.single_animal_release({"antelope": range(55, 0, -1), "cow": range(110, 100, -1)}), with_images=False)
-    expected = {"test": (set(range(26, 56)), set(range(101, 111))), "val": (set(range(6, 26)), set()), "trn": (set(range(1, 6)), set())}
+    parts = fmt.single_animal_release({"antelope": range(55, 0, -1), "cow": range(110, 100, -1)})
+    root = fmt.write_raw_release(tmp_path, parts, with_images=False)
+    expected = {
+        "test": (set(range(26, 56)), set(range(101, 111))),
+        "val": (set(range(6, 26)), set()),
+        "trn": (set(range(1, 6)), set()),
+    }
     for split, (antelope_ids, cow_ids) in expected.items():
         pairs = pairs_of(read(root, split))
         for species, ids in (("antelope", antelope_ids), ("cow", cow_ids)):
@@ -239,19 +275,22 @@ def test_excluded_images_are_image_rejects_in_every_split(tmp_path):
     unknown_category = {**fmt.coco_annotation(6, 305, "cow"), "category_id": 99}
     unlisted_image = fmt.coco_annotation(7, 307, "cow")
     parts = {
-        "train": ([fmt.coco_image(i) for i in (301, 302, 303, 308)], [crowd, *two_animals, few_keypoints, fmt.coco_annotation(8, 308, "cow")]),
+        "train": (
+            [fmt.coco_image(i) for i in (301, 302, 303, 308)],
+            [crowd, *two_animals, few_keypoints, fmt.coco_annotation(8, 308, "cow")],
+        ),
         "val": ([fmt.coco_image(i) for i in (304, 305, 306)], [short_keypoints, unknown_category]),
         "test": ([fmt.coco_image(309)], [unlisted_image, fmt.coco_annotation(9, 309, "cow")]),
     }
     root = fmt.write_raw_release(tmp_path, parts, with_images=False)
     expected = [
-        ("000000000301", "annotations/ap10k-train-split1.json", validate.EXCLUDED_IMAGE, "crowd"),
-        ("000000000302", "annotations/ap10k-train-split1.json", validate.EXCLUDED_IMAGE, "2 animals"),
-        ("000000000303", "annotations/ap10k-train-split1.json", validate.EXCLUDED_IMAGE, "2 labelled keypoints"),
-        ("000000000304", "annotations/ap10k-val-split1.json", validate.MALFORMED_ANNOTATION, "found 50"),
-        ("000000000305", "annotations/ap10k-val-split1.json", validate.INCONSISTENT_ANNOTATION, "category_id 99"),
-        ("000000000306", "annotations/ap10k-val-split1.json", validate.EXCLUDED_IMAGE, "0 animals"),
-        ("000000000307", "annotations/ap10k-test-split1.json", validate.INCONSISTENT_ANNOTATION, "not listed in 'images'"),
+        ("000000000301", TRAIN_FILE, validate.EXCLUDED_IMAGE, "crowd"),
+        ("000000000302", TRAIN_FILE, validate.EXCLUDED_IMAGE, "2 animals"),
+        ("000000000303", TRAIN_FILE, validate.EXCLUDED_IMAGE, "2 labelled keypoints"),
+        ("000000000304", VAL_FILE, MALFORMED, "found 50"),
+        ("000000000305", VAL_FILE, INCONSISTENT, "category_id 99"),
+        ("000000000306", VAL_FILE, validate.EXCLUDED_IMAGE, "0 animals"),
+        ("000000000307", TEST_FILE, INCONSISTENT, "not listed in 'images'"),
     ]
     for split in ap10k.SPLITS:
         items = read(root, split)
@@ -276,7 +315,7 @@ def test_reading_is_deterministic_and_the_seed_matters(mixed_raw_root):
 @pytest.mark.parametrize("protocol", [SMALL, LARGE_CAPS], ids=["caps-bind", "all-valid"])
 def test_sampling_takes_min_of_cap_and_valid_pairs(mixed_raw_root, protocol):
     lists = split_lists(MIXED_SPECIES, protocol)
-    families = {family: [s for s in MIXED_SPECIES if fmt.FAMILIES[s] == family] for family in ("Bovidae", "Felidae", "Ursidae")}
+    families = {f: [s for s in MIXED_SPECIES if fmt.FAMILIES[s] == f] for f in ("Bovidae", "Felidae", "Ursidae")}
     for split in ap10k.SPLITS:
         pairs = pairs_of(read(mixed_raw_root, split, protocol=protocol))
         base = split.split("_")[0]
@@ -298,7 +337,11 @@ def test_sampling_takes_min_of_cap_and_valid_pairs(mixed_raw_root, protocol):
             assert len(pairs) == expected_total and set(counts) <= {"all"}
         elif split.endswith("_cross_species"):
             for family, species in families.items():
-                n_valid = sum(valid(a, b) for s, t in itertools.combinations(species, 2) for a in lists[base][s] for b in lists[base][t])
+                n_valid = sum(
+                    valid(a, b)
+                    for s, t in itertools.combinations(species, 2)
+                    for a, b in itertools.product(lists[base][s], lists[base][t])
+                )
                 assert counts.get(family, 0) == min(protocol.cross_species_pairs[base], n_valid), (split, family)
             assert all(p.extras["src_family"] == p.extras["trg_family"] == p.category for p in pairs)
             assert all(p.extras["src_species"] < p.extras["trg_species"] for p in pairs)
@@ -313,9 +356,9 @@ def test_sampling_takes_min_of_cap_and_valid_pairs(mixed_raw_root, protocol):
     if protocol is SMALL:
         # The caps bind somewhere, or this test would not test them.
         assert len(pairs_of(read(mixed_raw_root, "test_cross_family", protocol=SMALL))) == 3 * 2
-        assert len(pairs_of(read(mixed_raw_root, "trn", protocol=SMALL))) < sum(
-            sum(valid(a, b) for a, b in itertools.permutations(ids, 2)) for ids in split_lists(MIXED_SPECIES, SMALL)["trn"].values()
-        )
+        trn_lists = split_lists(MIXED_SPECIES, SMALL)["trn"].values()
+        n_valid_trn = sum(valid(a, b) for ids in trn_lists for a, b in itertools.permutations(ids, 2))
+        assert len(pairs_of(read(mixed_raw_root, "trn", protocol=SMALL))) < n_valid_trn
 
 
 def test_pair_layout_built_from_raw_reads_the_same(mixed_raw_root, tmp_path):
@@ -355,12 +398,13 @@ def test_pair_layout_built_from_raw_reads_the_same(mixed_raw_root, tmp_path):
 def test_cli_builds_the_default_protocol_layout(mixed_raw_root, tmp_path, capsys):
     out = tmp_path / "cli"
     counts = ap10k.main(["--raw", str(mixed_raw_root), "--out", str(out), "--seed", "3"])
-    assert counts == {split: len(list(ap10k.read_raw_pairs(Location(str(mixed_raw_root)), split, seed=3))) for split in ap10k.SPLITS}
+    assert counts == {split: len(read(mixed_raw_root, split, seed=3)) for split in ap10k.SPLITS}
     assert sorted(p.name for p in (out / "PairAnnotation").iterdir()) == sorted(ap10k.SPLITS)
     with pytest.raises(SystemExit) as exit_info:
         ap10k.main(["--help"])
     assert exit_info.value.code == 0 and "--raw" in capsys.readouterr().out
-    run = subprocess.run([sys.executable, "-m", "pipelines.sources.ap10k", "--help"], cwd=REPO_ROOT, capture_output=True, text=True)
+    command = [sys.executable, "-m", "pipelines.sources.ap10k", "--help"]
+    run = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
     assert run.returncode == 0 and "--seed" in run.stdout
 
 
@@ -384,6 +428,8 @@ def layout_root(tmp_path) -> tuple[Path, dict[str, tuple[str, str]]]:
     ``{pair file name: (expected reason or "ok", expected file at fault)}``."""
     root = tmp_path / "layout"
     doc = fmt.image_annotation_document
+    no_bbox = {key: value for key, value in doc(23, "cat").items() if key != "bbox"}
+    bad_visibility = doc(22, "cat", keypoints=[1, 1, 3] * 17)
     ann = {
         11: fmt.write_image_annotation(root, "Felidae", "cat", "000000000011", doc(11, "cat")),
         12: fmt.write_image_annotation(root, "Felidae", "cat", "000000000012", doc(12, "cat", labelled=[0, 1, 2, 3])),
@@ -392,8 +438,8 @@ def layout_root(tmp_path) -> tuple[Path, dict[str, tuple[str, str]]]:
         15: fmt.write_image_annotation(root, "Felidae", "cat", "000000000015", doc(15, "cat", labelled=[3, 4])),
         16: fmt.write_image_annotation(root, "Felidae", "cat", "000000000016", doc(16, "cat", labelled=[5, 6, 7])),
         21: fmt.write_image_annotation(root, "Felidae", "cat", "000000000021", doc(21, "cat", keypoints=[0] * 50)),
-        22: fmt.write_image_annotation(root, "Felidae", "cat", "000000000022", doc(22, "cat", keypoints=[1, 1, 3] * 17)),
-        23: fmt.write_image_annotation(root, "Felidae", "cat", "000000000023", {k: v for k, v in doc(23, "cat").items() if k != "bbox"}),
+        22: fmt.write_image_annotation(root, "Felidae", "cat", "000000000022", bad_visibility),
+        23: fmt.write_image_annotation(root, "Felidae", "cat", "000000000023", no_bbox),
         24: fmt.write_image_annotation(root, "Felidae", "cat", "000000000024", '{"id": 24,'),
         25: fmt.write_image_annotation(root, "Felidae", "cat", "000000000025", doc(25, "cat", name="lion")),
         26: fmt.write_image_annotation(root, "Felidae", "cat", "000000000026", doc(26, "cat", supercategory="Bovidae")),
@@ -408,34 +454,36 @@ def layout_root(tmp_path) -> tuple[Path, dict[str, tuple[str, str]]]:
         cases[f"{split}/{name}"] = (reason, at_fault or rel)
 
     add("test", "000000000011-000000000012:cat", pair(ann[11], ann[12]), "ok")
-    add("test", "000000000012-000000000011:cat", pair(ann[12], ann[11], prefix="/home/me/GeoAware-SC/data/ap-10k/"), "ok")
-    add("test", "000000000012-000000000015:cat", pair(ann[12], ann[15], prefix=""), "ok")  # 1 mutual joint: passed through
-    add("test", "000000000012-000000000016:cat", pair(ann[12], ann[16], prefix="old/ImageAnnotation/v1/"), "ok")  # 0 mutual
+    absolute = "/home/me/GeoAware-SC/data/ap-10k/"
+    add("test", "000000000012-000000000011:cat", pair(ann[12], ann[11], prefix=absolute), "ok")
+    # 1 and 0 joints labelled in both: passed through (the shard stage rejects 0)
+    add("test", "000000000012-000000000015:cat", pair(ann[12], ann[15], prefix=""), "ok")
+    add("test", "000000000012-000000000016:cat", pair(ann[12], ann[16], prefix="old/ImageAnnotation/v1/"), "ok")
     for image_id, reason in (
-        (21, validate.MALFORMED_ANNOTATION),
-        (22, validate.MALFORMED_ANNOTATION),
-        (23, validate.MALFORMED_ANNOTATION),
-        (24, validate.MALFORMED_ANNOTATION),
-        (25, validate.INCONSISTENT_ANNOTATION),
-        (26, validate.INCONSISTENT_ANNOTATION),
-        (27, validate.INCONSISTENT_ANNOTATION),
+        (21, MALFORMED),
+        (22, MALFORMED),
+        (23, MALFORMED),
+        (24, MALFORMED),
+        (25, INCONSISTENT),
+        (26, INCONSISTENT),
+        (27, INCONSISTENT),
         (28, validate.MISSING_ANNOTATION),
     ):
         add("test", f"000000000011-{image_id:012d}:cat", pair(ann[11], ann[image_id]), reason, ann[image_id])
-    add("test", "000000000011-000000000014:cat", pair(ann[11], ann[12]), validate.INCONSISTENT_ANNOTATION)  # name says 14
-    add("test", "000000000011-000000000013:cat", pair(ann[11], ann[13]), validate.INCONSISTENT_ANNOTATION)  # lion in cat pairs
-    add("test", "000000000012-000000000013:cat", "{", validate.MALFORMED_ANNOTATION)
-    add("test", "000000000013-000000000012:cat", {"src_json_path": "data/ap-10k/" + ann[13]}, validate.MALFORMED_ANNOTATION)
-    add("test", "000000000013-000000000011:cat", pair("Other/Felidae/lion/000000000013.json", ann[11]), validate.MALFORMED_ANNOTATION)
-    add("test", "000000000015-000000000011:cat", pair("ImageAnnotation/cat/000000000015.json", ann[11]), validate.MALFORMED_ANNOTATION)
-    add("test", "pair_one", pair(ann[11], ann[12]), validate.MALFORMED_ANNOTATION)
+    add("test", "000000000011-000000000014:cat", pair(ann[11], ann[12]), INCONSISTENT)  # the name says 14
+    add("test", "000000000011-000000000013:cat", pair(ann[11], ann[13]), INCONSISTENT)  # a lion among cat pairs
+    add("test", "000000000012-000000000013:cat", "{", MALFORMED)
+    add("test", "000000000013-000000000012:cat", {"src_json_path": "data/ap-10k/" + ann[13]}, MALFORMED)
+    add("test", "000000000013-000000000011:cat", pair("Other/Felidae/lion/000000000013.json", ann[11]), MALFORMED)
+    add("test", "000000000015-000000000011:cat", pair("ImageAnnotation/cat/000000000015.json", ann[11]), MALFORMED)
+    add("test", "pair_one", pair(ann[11], ann[12]), MALFORMED)
     (root / "PairAnnotation/test/README.txt").write_text("not a pair")
     (root / "PairAnnotation/test/nested").mkdir()
     (root / "PairAnnotation/test/nested/000000000011-000000000016:cat.json").write_text("{}")
     add("test_cross_species", "000000000011-000000000013:Felidae", pair(ann[11], ann[13]), "ok")
-    add("test_cross_species", "000000000011-000000000013:cat", pair(ann[11], ann[13]), validate.INCONSISTENT_ANNOTATION)
-    add("test_cross_family", "000000000011-000000000014:all", pair(ann[11], ann[14]), "ok")  # empty bbox: passed through
-    add("test_cross_family", "000000000011-000000000014:Felidae", pair(ann[11], ann[14]), validate.INCONSISTENT_ANNOTATION)
+    add("test_cross_species", "000000000011-000000000013:cat", pair(ann[11], ann[13]), INCONSISTENT)
+    add("test_cross_family", "000000000011-000000000014:all", pair(ann[11], ann[14]), "ok")  # empty bbox: passed
+    add("test_cross_family", "000000000011-000000000014:Felidae", pair(ann[11], ann[14]), INCONSISTENT)
     return root, cases
 
 
@@ -461,7 +509,8 @@ def test_layout_pair_record_values_and_rerooted_paths(layout_root):
     pairs = {p.key: p for p in pairs_of(read(root, "test"))}
     pair = pairs["000000000011_000000000012_cat"]
     assert pair.origin == "PairAnnotation/test/000000000011-000000000012:cat.json"
-    assert (pair.src.key, pair.src.path, pair.src.declared_size) == ("cat_000000000011", "JPEGImages/Felidae/cat/000000000011.jpg", (64, 48))
+    assert (pair.src.key, pair.src.declared_size) == ("cat_000000000011", (64, 48))
+    assert pair.src.path == "JPEGImages/Felidae/cat/000000000011.jpg"
     assert pair.trg.path == "JPEGImages/Felidae/cat/000000000012.jpg"
     np.testing.assert_array_equal(pair.kps_ids, [0, 1, 2, 3])
     np.testing.assert_array_equal(pair.src_kps, [fmt.joint_xy(11, j) for j in range(4)])

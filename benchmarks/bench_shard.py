@@ -1,0 +1,105 @@
+"""Sharding and reading throughput, each measured beside its baseline in one run.
+
+    .venv/bin/python benchmarks/bench_shard.py [--images-per-category 60] [--trn-pairs 1200] [--workers 2]
+
+1. Sharding: ``python -m pipelines.shard demo --workers N`` against ``tar -cf`` of the same raw
+   folder (both as fresh processes, page cache warm), as MB/s of input and pairs/s.
+   Goal: at least 0.8 of tar's rate with ``--workers 2``.
+2. Stored bytes against self-contained pairs (both images inside every pair) on the demo set, an
+   SPair-like layout with many pairs per image. Goal: at most 0.1.
+3. Reading: the shard reader's pairs/s against decoding the same images (each image of each shard
+   once, as the reader does) straight from the raw files with PIL alone. Goal: at least 0.8.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from pipelines.imageio import decode_rgb
+from pipelines.reader import pair_dataset, split_shards
+from pipelines.sources.demo import generate
+from pipelines.storage import Location
+
+
+def _folder_bytes(root: Path) -> int:
+    """Bytes of every file under ``root``; reading them also warms the page cache."""
+    return sum(len(p.read_bytes()) for p in root.rglob("*") if p.is_file())
+
+
+def _timed(command: list[str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images-per-category", type=int, default=60)
+    parser.add_argument("--trn-pairs", type=int, default=1200, help="trn pairs per category")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each side; the best counts")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="bench-shard-"))
+    raw = work / "demo"
+    print(f"generating the demo set in {raw} ...", flush=True)
+    generate(raw, images_per_category=args.images_per_category, pairs_per_category={"trn": args.trn_pairs, "val": 100, "test": 100})
+    input_bytes = _folder_bytes(raw)
+    input_files = sum(1 for p in raw.rglob("*") if p.is_file())
+
+    tar_times, shard_times = [], []
+    for repeat in range(args.repeats):
+        tar_times.append(_timed(["tar", "-cf", str(work / f"raw-{repeat}.tar"), "-C", str(raw), "."]))
+        out = work / f"shards-{repeat}"
+        shard_times.append(
+            _timed([sys.executable, "-m", "pipelines.shard", "demo", "--root", str(raw), "--out", str(out), "--workers", str(args.workers)])
+        )
+    out = work / "shards-0"
+    summary = json.loads((out / "summary.json").read_text())
+    pairs = sum(s["input_pairs"] for s in summary.values())
+    tar_s, shard_s = min(tar_times), min(shard_times)
+
+    shards = Location(str(out))
+    names = split_shards(shards, "trn")
+    start = time.perf_counter()
+    read_pairs = sum(1 for _ in pair_dataset(shards, names))
+    reader_s = time.perf_counter() - start
+    index = pq.read_table(out / "index.parquet").to_pandas().query("split == 'trn'")
+    paths = {}
+    for shard, group in index.groupby("shard"):
+        for key in set(group.src_image) | set(group.trg_image):
+            category, stem = key.split("_", 1)
+            paths.setdefault(shard, []).append(raw / "JPEGImages" / category / f"{stem}.jpg")
+    start = time.perf_counter()
+    for shard_paths in paths.values():
+        for path in shard_paths:
+            decode_rgb(path.read_bytes())
+    pil_s = time.perf_counter() - start
+
+    trn = summary["trn"]
+    mb = input_bytes / 1e6
+    print(f"\ninput: {mb:.1f} MB in {input_files} files, {pairs} pairs (best of {args.repeats} runs each)")
+    print(f"{'':28}{'seconds':>10}{'MB/s':>10}{'pairs/s':>10}")
+    print(f"{'tar -cf (raw folder)':28}{tar_s:10.2f}{mb / tar_s:10.1f}{pairs / tar_s:10.0f}")
+    print(f"{f'pipelines.shard --workers {args.workers}':28}{shard_s:10.2f}{mb / shard_s:10.1f}{pairs / shard_s:10.0f}")
+    print(f"shard / tar throughput ratio: {tar_s / shard_s:.2f}   (goal >= 0.8)")
+    print(
+        f"\nstored / self-contained bytes (trn): {trn['payload_bytes_stored'] / 1e6:.1f} MB / "
+        f"{trn['payload_bytes_selfcontained'] / 1e6:.1f} MB = {trn['stored_over_selfcontained']:.3f}   (goal <= 0.1)"
+    )
+    print(f"\n{'':28}{'seconds':>10}{'pairs/s':>10}")
+    print(f"{'PIL decode, same images':28}{pil_s:10.2f}{read_pairs / pil_s:10.0f}")
+    print(f"{'pipelines.reader':28}{reader_s:10.2f}{read_pairs / reader_s:10.0f}")
+    print(f"reader / PIL ratio: {pil_s / reader_s:.2f}   (goal >= 0.8)")
+
+
+if __name__ == "__main__":
+    main()

@@ -413,7 +413,9 @@ def finalize(out: Location) -> dict:
             "written_pairs": len(split_rows),
             "rejected_pairs": len(pair_rejects),
             "rejects_by_reason": dict(sorted(Counter(r["reason"] for r in pair_rejects).items())),
-            "excluded_images": len(split_rejects) - len(pair_rejects),
+            "images_left_out_by_reason": dict(
+                sorted(Counter(r["reason"] for r in split_rejects if r["kind"] == "image").items())
+            ),
             "shards": len(manifests),
             "images_stored": sum(m["images"] for m in manifests),
             "tar_bytes": sum(m["tar_bytes"] for m in manifests),
@@ -502,8 +504,8 @@ def format_summary(summary: dict) -> str:
         )
         for reason, count in s["rejects_by_reason"].items():
             lines.append(f"    {reason}: {count}")
-        if s["excluded_images"]:
-            lines.append(f"    images excluded by the benchmark protocol: {s['excluded_images']}")
+        for reason, count in s["images_left_out_by_reason"].items():
+            lines.append(f"    images left out before pairing, {reason}: {count}")
     return "\n".join(lines)
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import hashlib
 import io
 import json
@@ -350,22 +351,33 @@ def _clean_stale(out: Location, split_plan: SplitPlan) -> None:
             out.remove(f"{MANIFEST_DIR}/{split_plan.split}/{name}.json")
 
 
-def run_jobs(jobs: list[ShardJob], workers: int) -> Iterable[dict]:
-    """Run shard jobs in ``workers`` processes (in-process for 1), yielding manifests as they
-    finish. Processes are spawned: forking a process that holds boto3 clients or threads is
-    unsafe, and a forkserver would keep the environment (credentials, endpoints) of its first use."""
-    if workers <= 1:
+def run_jobs(jobs: list[ShardJob], pool: concurrent.futures.Executor | None) -> Iterable[dict]:
+    """Run shard jobs in ``pool`` (in this process when None), yielding manifests as they finish."""
+    if pool is None:
         yield from map(write_shard, jobs)
         return
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        futures = [pool.submit(write_shard, job) for job in jobs]
-        for future in concurrent.futures.as_completed(futures):
-            yield future.result()
+    futures = [pool.submit(write_shard, job) for job in jobs]
+    for future in concurrent.futures.as_completed(futures):
+        yield future.result()
+
+
+def worker_pool(workers: int) -> contextlib.AbstractContextManager:
+    """``workers`` processes for the whole job (none for 1). They are spawned: forking a process
+    that holds boto3 clients or threads is unsafe, and a forkserver would keep the environment
+    (credentials, endpoints) of its first use."""
+    if workers <= 1:
+        return contextlib.nullcontext()
+    return concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
 
 
 def shard_split(
-    source_name: str, root: Location, out: Location, split: str, max_shard_bytes: int, workers: int, full_decode: bool
+    source_name: str,
+    root: Location,
+    out: Location,
+    split: str,
+    max_shard_bytes: int,
+    pool: concurrent.futures.Executor | None,
+    full_decode: bool,
 ) -> None:
     """Read, plan and write one split; then record it as complete in ``_manifests/<split>.json``."""
     split_plan = prepare_split(source_name, root, split, max_shard_bytes)
@@ -376,7 +388,7 @@ def shard_split(
     jobs = [ShardJob(root, out, plan, full_decode) for plan in split_plan.shards if plan.name not in finished]
     total_pairs = sum(len(job.plan.pairs) for job in jobs)
     with tqdm(total=total_pairs, desc=f"{split}: shards", unit=" pairs") as progress:
-        for manifest in run_jobs(jobs, workers):
+        for manifest in run_jobs(jobs, pool):
             progress.update(len(manifest["rows"]) + len(manifest["rejects"]))
     record = {
         "split": split,
@@ -444,10 +456,13 @@ def shard_dataset(
 ) -> dict:
     """Shard ``splits`` (default: all of the source's) of ``root`` into ``out``; return the summary."""
     source = get_source(source_name)
-    for split in splits or source.splits:
-        if split not in source.splits:
-            raise ValueError(f"{source_name} has no split {split!r}; choose from {', '.join(source.splits)}")
-        shard_split(source_name, root, out, split, max_shard_bytes, workers, full_decode)
+    splits = splits or list(source.splits)
+    unknown = [split for split in splits if split not in source.splits]
+    if unknown:
+        raise ValueError(f"{source_name} has no split {unknown[0]!r}; choose from {', '.join(source.splits)}")
+    with worker_pool(workers) as pool:
+        for split in splits:
+            shard_split(source_name, root, out, split, max_shard_bytes, pool, full_decode)
     return finalize(out)
 
 

@@ -466,13 +466,15 @@ def shard_dataset(
     return finalize(out)
 
 
+_BYTE_UNITS = {"": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
 def _parse_bytes(text: str) -> int:
-    units = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmg]i?b?|)\s*", text.lower())
-    unit = match and match.group(2).rstrip("b") + ("b" if match.group(2).endswith("ib") else "")
-    if not match or unit not in units:
+    """``"268435456"``, ``"256MiB"``, ``"200MB"`` -> bytes."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmg]i?b)?", text.strip().lower())
+    if not match:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 268435456, 256MiB or 200MB")
-    return int(float(match.group(1)) * units[unit])
+    return int(float(match.group(1)) * _BYTE_UNITS[match.group(2) or ""])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -480,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m pipelines.shard",
         description=__doc__.split("\n\n")[0],
         epilog="Datasets: "
-        + "; ".join(f"{name}: {get_source(name).summary}" for name in SOURCE_NAMES)
+        + "; ".join(f"{name}: {get_source(name).summary.rstrip('.').replace('``', '')}" for name in SOURCE_NAMES)
         + ". See README.md for each dataset's expected layout.",
     )
     parser.add_argument("dataset", choices=SOURCE_NAMES, help="which benchmark layout --root holds")

@@ -14,7 +14,7 @@ from PIL import Image
 
 from pipelines import validate
 from pipelines.reader import pair_dataset, split_shards
-from pipelines.shard import shard_dataset
+from pipelines.shard import main, shard_dataset
 from pipelines.storage import Location, s3_client, split_s3_url
 from tests.spair_format import pair_document, write_layout, write_pair
 
@@ -235,3 +235,18 @@ def test_s3_round_trip(tmp_path: Path, s3_bucket: str, s3_endpoint: str) -> None
 def test_unknown_split_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="spair has no split 'train'"):
         shard_dataset("spair", Location(str(tmp_path)), Location(str(tmp_path / "out")), ["train"])
+
+
+def test_cli_summary_and_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture) -> None:
+    root = tmp_path / "spair"
+    build_spair(root)
+    out = tmp_path / "out"
+    assert main(["spair", "--root", str(root), "--out", str(out), "--split", "trn", "--max-shard-bytes", "8kB"]) == 0
+    printed = capsys.readouterr().out
+    assert f"trn: {VALID_PAIRS} input pairs = {VALID_PAIRS} written + 0 rejected" in printed
+    assert json.loads((out / "summary.json").read_text())["trn"]["shards"] > len(CATEGORIES)
+
+    assert main(["spair", "--root", str(tmp_path / "nowhere"), "--out", str(out), "--split", "val"]) == 2
+    assert "nowhere/Layout/large/val.txt: no SPair-71k Layout list" in caplog.text
+    with pytest.raises(SystemExit):
+        main(["spair", "--root", str(root), "--out", str(out), "--max-shard-bytes", "lots"])

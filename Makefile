@@ -19,7 +19,6 @@ test: venv
 	$(PY) -m pytest -q
 
 demo: venv
-	$(PY) -m pipelines.sources.demo --out $(DEMO_DATA)
 	$(PY) -m pipelines.shard demo --root $(DEMO_DATA) --out $(DEMO_SHARDS) --workers 2
 	$(PY) -m pipelines.inspect $(DEMO_SHARDS) --split val --out $(DEMO_SHARDS)/preview-val.png
 

@@ -185,11 +185,13 @@ def test_generate_refuses_bad_arguments(tmp_path):
 
 def test_cli(tmp_path, capsys):
     out = tmp_path / "cli"
-    demo.main(["--out", str(out), "--images-per-category", "8", "--pairs-per-category", "trn=3,val=1,test=2",
-               "--categories", "cat", "--size", "120x90", "--seed", "4"])
+    arguments = ["--out", str(out), "--images-per-category", "8", "--pairs-per-category", "trn=3,val=1,test=2",
+                 "--categories", "cat", "--size", "120x90", "--seed", "4"]
+    assert demo.main(arguments) == 0
     lines = {split: (out / f"Layout/large/{split}.txt").read_text().splitlines() for split in demo.SPLITS}
     assert {split: len(names) for split, names in lines.items()} == {"trn": 3, "val": 1, "test": 2}
     assert lines["trn"][0].startswith("000001-cat_") and lines["trn"][0].endswith(":cat")
+    assert demo.main(arguments) == 2  # refuses to overwrite a dataset
     with pytest.raises(SystemExit) as exit_info:
         demo.main(["--help"])
     assert exit_info.value.code == 0 and "--pairs-per-category" in capsys.readouterr().out

@@ -43,6 +43,7 @@ import io
 import json
 import logging
 import math
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -521,7 +522,7 @@ def _parse_size(text: str) -> tuple[int, int]:
     return int(width), int(height)
 
 
-def main(argv: Sequence[str] | None = None) -> Path:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pipelines.sources.demo",
         description="Generate the demo dataset (random views of scikit-image photos) in the SPair-71k layout.",
@@ -539,8 +540,13 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--categories", type=lambda text: text.split(","), default=None, help=f"subset of {','.join(CATEGORIES)}")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return generate(args.out, args.images_per_category, args.pairs_per_category, args.seed, args.size, args.categories)
+    try:
+        generate(args.out, args.images_per_category, args.pairs_per_category, args.seed, args.size, args.categories)
+    except FileExistsError as error:
+        log.error("%s", error)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -48,7 +48,7 @@ def s3_endpoint() -> Iterator[str]:
         except OSError:
             if time.monotonic() > deadline or server.poll() is not None:
                 server.kill()
-                raise RuntimeError(f"moto server did not start on {endpoint}")
+                raise RuntimeError(f"moto server did not start on {endpoint}") from None
             time.sleep(0.2)
     saved = {k: os.environ.get(k) for k in _FAKE_AWS_ENV}
     os.environ.update(_FAKE_AWS_ENV)

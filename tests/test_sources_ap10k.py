@@ -64,8 +64,8 @@ def labelled_set(image_id: int) -> set[int]:
 
 def mixed_release_parts() -> dict[str, fmt.ReleasePart]:
     parts = fmt.single_animal_release(MIXED_SPECIES)
-    for _, annotations in parts.values():
-        for annotation in annotations:
+    for _, coco_annotations in parts.values():
+        for annotation in coco_annotations:
             image_id = annotation["image_id"]
             annotation["keypoints"] = fmt.keypoints(image_id, sorted(labelled_set(image_id)))
     return parts

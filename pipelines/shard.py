@@ -35,11 +35,9 @@ import sys
 import tarfile
 import tempfile
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from pipelines import validate
@@ -343,7 +341,9 @@ def _clean_stale(out: Location, split_plan: SplitPlan) -> None:
     pattern = re.compile(rf"^{re.escape(split_plan.split)}-\d{{6}}\.tar$")
     for path in out.list_files(""):
         name = path.rsplit("/", 1)[-1]
-        if not out.remote and name.startswith(".") and name.endswith((".partial", ".tmp")):
+        # Only this split's leftovers: other splits' shards may be being written right now.
+        partial = name.startswith((f".{split_plan.split}-", f".{split_plan.split}.json.")) and name.endswith((".partial", ".tmp"))
+        if not out.remote and partial:
             out.remove(path)
         elif "/" not in path and pattern.match(name) and name not in planned:
             log.warning("removing %s: not part of the current plan for split %s", out.full(path), split_plan.split)
@@ -351,14 +351,13 @@ def _clean_stale(out: Location, split_plan: SplitPlan) -> None:
             out.remove(f"{MANIFEST_DIR}/{split_plan.split}/{name}.json")
 
 
-def run_jobs(jobs: list[ShardJob], pool: concurrent.futures.Executor | None) -> Iterable[dict]:
-    """Run shard jobs in ``pool`` (in this process when None), yielding manifests as they finish."""
+def start_jobs(jobs: list[ShardJob], pool: concurrent.futures.Executor | None) -> Iterator[dict]:
+    """Start shard jobs in ``pool`` (lazily in this process when None); iterating the result
+    yields their manifests as they finish."""
     if pool is None:
-        yield from map(write_shard, jobs)
-        return
+        return map(write_shard, jobs)
     futures = [pool.submit(write_shard, job) for job in jobs]
-    for future in concurrent.futures.as_completed(futures):
-        yield future.result()
+    return (future.result() for future in concurrent.futures.as_completed(futures))
 
 
 def worker_pool(workers: int) -> contextlib.AbstractContextManager:
@@ -370,7 +369,14 @@ def worker_pool(workers: int) -> contextlib.AbstractContextManager:
     return concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
 
 
-def shard_split(
+@dataclass
+class StartedSplit:
+    plan: SplitPlan
+    manifests: Iterator[dict]
+    pending_pairs: int
+
+
+def start_split(
     source_name: str,
     root: Location,
     out: Location,
@@ -378,31 +384,35 @@ def shard_split(
     max_shard_bytes: int,
     pool: concurrent.futures.Executor | None,
     full_decode: bool,
-) -> None:
-    """Read, plan and write one split; then record it as complete in ``_manifests/<split>.json``."""
+) -> StartedSplit:
+    """Read and plan one split, and start writing the shards an earlier run did not finish."""
     split_plan = prepare_split(source_name, root, split, max_shard_bytes)
     _clean_stale(out, split_plan)
     finished = _finished_shards(out, split_plan)
     if finished:
         log.info("%s: %d of %d shards already complete, resuming", split, len(finished), len(split_plan.shards))
     jobs = [ShardJob(root, out, plan, full_decode) for plan in split_plan.shards if plan.name not in finished]
-    total_pairs = sum(len(job.plan.pairs) for job in jobs)
-    with tqdm(total=total_pairs, desc=f"{split}: shards", unit=" pairs") as progress:
-        for manifest in run_jobs(jobs, pool):
-            progress.update(len(manifest["rows"]) + len(manifest["rejects"]))
+    return StartedSplit(split_plan, start_jobs(jobs, pool), sum(len(job.plan.pairs) for job in jobs))
+
+
+def record_split(out: Location, source_name: str, split_plan: SplitPlan) -> None:
+    """Mark a split complete (all its shards written) in ``_manifests/<split>.json``."""
     record = {
-        "split": split,
+        "split": split_plan.split,
         "dataset": source_name,
         "input_pairs": split_plan.input_pairs,
         "shards": [shard.name for shard in split_plan.shards],
-        "rejects": [{"split": split, **r.to_json()} for r in split_plan.rejects],
+        "rejects": [{"split": split_plan.split, **r.to_json()} for r in split_plan.rejects],
     }
-    out.put_bytes(f"{MANIFEST_DIR}/{split}.json", json.dumps(record).encode())
+    out.put_bytes(f"{MANIFEST_DIR}/{split_plan.split}.json", json.dumps(record).encode())
 
 
 def finalize(out: Location) -> dict:
     """Build ``index.parquet``, ``rejects.jsonl`` and ``summary.json`` from the manifests of every
     completed split in ``out`` (so splits sharded by separate runs share one index). Written last."""
+    import pyarrow as pa  # here, not at the top: spawned shard writers never need it
+    import pyarrow.parquet as pq
+
     listing = out.list_files(MANIFEST_DIR)
     split_records = [json.loads(out.read_text(p)) for p in listing if p.count("/") == 1 and p.endswith(".json")]
     rows, reject_rows, summary = [], [], {}
@@ -461,8 +471,13 @@ def shard_dataset(
     if unknown:
         raise ValueError(f"{source_name} has no split {unknown[0]!r}; choose from {', '.join(source.splits)}")
     with worker_pool(workers) as pool:
-        for split in splits:
-            shard_split(source_name, root, out, split, max_shard_bytes, pool, full_decode)
+        # Each split's shards are written while the next split's annotations are read.
+        started = [start_split(source_name, root, out, split, max_shard_bytes, pool, full_decode) for split in splits]
+        with tqdm(total=sum(s.pending_pairs for s in started), desc="shards", unit=" pairs") as progress:
+            for split in started:
+                for manifest in split.manifests:
+                    progress.update(len(manifest["rows"]) + len(manifest["rejects"]))
+                record_split(out, source_name, split.plan)
     return finalize(out)
 
 

@@ -15,9 +15,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import boto3
-import botocore.config
-import botocore.exceptions
 
 
 def is_s3(url: str) -> bool:
@@ -37,6 +34,11 @@ def s3_client(endpoint_url: str | None = None):
     """A boto3 S3 client, one per process and endpoint (processes started by spawn or
     forkserver build their own). Checksums only when required, since many S3-compatible
     stores reject the CRC headers boto3 sends by default."""
+    # Imported here: boto3 costs a fifth of a second to import, paid by every spawned worker
+    # process, while most runs never touch S3.
+    import boto3
+    import botocore.config
+
     config = botocore.config.Config(
         s3={"addressing_style": "path"},
         request_checksum_calculation="when_required",
@@ -44,6 +46,12 @@ def s3_client(endpoint_url: str | None = None):
         retries={"max_attempts": 5, "mode": "standard"},
     )
     return boto3.client("s3", endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL"), config=config)
+
+
+def _client_error() -> type[Exception]:
+    from botocore.exceptions import ClientError
+
+    return ClientError
 
 
 @dataclass(frozen=True)
@@ -81,7 +89,7 @@ class Location:
         bucket, key = self._s3_key(rel)
         try:
             return s3_client(self.endpoint_url).get_object(Bucket=bucket, Key=key)["Body"].read()
-        except botocore.exceptions.ClientError as error:
+        except _client_error() as error:
             if error.response["Error"]["Code"] in ("NoSuchKey", "404"):
                 raise FileNotFoundError(f"{self.full(rel)}: no such object") from error
             raise
@@ -97,7 +105,7 @@ class Location:
         try:
             client.head_object(Bucket=bucket, Key=key)
             return True
-        except botocore.exceptions.ClientError as error:
+        except _client_error() as error:
             if error.response["Error"]["Code"] not in ("NoSuchKey", "404", "NotFound"):
                 raise
         # A "directory" exists on S3 when some object lies under it.

@@ -87,16 +87,10 @@ def read_split(source_name: str, root: Location, split: str) -> tuple[list[PairR
     source = get_source(source_name)
     pairs, rejects = [], []
     first_seen: dict[str, str] = {}
-    excluded_images: set[tuple[str, str]] = set()
     input_pairs = 0
     for item in tqdm(source.read_pairs(root, split), desc=f"{split}: annotations", unit=" pairs", leave=False):
         if isinstance(item, Reject):
-            if item.kind == "image":
-                if (item.item, item.reason) not in excluded_images:
-                    excluded_images.add((item.item, item.reason))
-                    rejects.append(item)
-                continue
-            input_pairs += 1
+            input_pairs += item.kind == "pair"
             rejects.append(item)
             continue
         input_pairs += 1
@@ -416,12 +410,14 @@ def finalize(out: Location) -> dict:
     listing = out.list_files(MANIFEST_DIR)
     split_records = [json.loads(out.read_text(p)) for p in listing if p.count("/") == 1 and p.endswith(".json")]
     rows, reject_rows, summary = [], [], {}
+    listed_images: set[tuple[str, str]] = set()
     for record in sorted(split_records, key=lambda r: r["split"]):
         split = record["split"]
         manifests = [json.loads(out.read_text(f"{MANIFEST_DIR}/{split}/{name}.json")) for name in record["shards"]]
         split_rows = [row for m in manifests for row in m["rows"]]
         shard_rejects = [{"split": split, **r} for m in manifests for r in m["rejects"]]
-        split_rejects = record["rejects"] + shard_rejects
+        # An image a benchmark protocol leaves out is reported once, under the first split listing it.
+        split_rejects = [r for r in record["rejects"] + shard_rejects if _first_listing(r, listed_images)]
         pair_rejects = [r for r in split_rejects if r["kind"] == "pair"]
         if record["input_pairs"] != len(split_rows) + len(pair_rejects):
             raise RuntimeError(
@@ -453,6 +449,16 @@ def finalize(out: Location) -> dict:
     out.put_bytes("summary.json", json.dumps(summary, indent=2).encode())
     out.put_bytes("index.parquet", sink.getvalue())
     return summary
+
+
+def _first_listing(reject: dict, listed_images: set[tuple[str, str]]) -> bool:
+    if reject["kind"] != "image":
+        return True
+    key = (reject["item"], reject["reason"])
+    if key in listed_images:
+        return False
+    listed_images.add(key)
+    return True
 
 
 def shard_dataset(

@@ -17,6 +17,7 @@ from PIL import Image
 from pipelines import validate
 from pipelines.schema import PairRecord, Reject, pair_to_json
 from pipelines.sources import ap10k
+from pipelines.shard import shard_dataset
 from pipelines.storage import Location
 from tests import ap10k_format as fmt
 from tests.conftest import REPO_ROOT
@@ -269,7 +270,9 @@ def test_pair_keeps_joints_labelled_in_both_and_needs_three(tmp_path):
     assert pair.src.declared_size == (64, 48) and pair.origin == "annotations/ap10k-test-split1.json"
 
 
-def test_excluded_images_are_image_rejects_in_every_split(tmp_path):
+def release_with_excluded_images(tmp_path: Path) -> tuple[Path, list[tuple[str, str, str, str]]]:
+    """A raw release with one image for each reason to leave it out, and the rejects expected
+    (item, file, reason, words of the detail), plus two usable cow images (308, 309)."""
     crowd = fmt.coco_annotation(1, 301, "cow", iscrowd=1)
     two_animals = [fmt.coco_annotation(2, 302, "cow"), fmt.coco_annotation(3, 302, "cow")]
     few_keypoints = fmt.coco_annotation(4, 303, "cow", labelled=[0, 5])
@@ -294,6 +297,11 @@ def test_excluded_images_are_image_rejects_in_every_split(tmp_path):
         ("000000000306", VAL_FILE, validate.EXCLUDED_IMAGE, "0 animals"),
         ("000000000307", TEST_FILE, INCONSISTENT, "not listed in 'images'"),
     ]
+    return root, expected
+
+
+def test_excluded_images_are_image_rejects_in_every_split(tmp_path):
+    root, expected = release_with_excluded_images(tmp_path)
     for split in ap10k.SPLITS:
         items = read(root, split)
         rejects = rejects_of(items)
@@ -301,6 +309,19 @@ def test_excluded_images_are_image_rejects_in_every_split(tmp_path):
         assert all(r.kind == "image" and e[3] in r.detail for r, e in zip(rejects, expected))
         assert {i for p in pairs_of(items) for i in image_ids(p)} <= {308, 309}
     assert [image_ids(p) for p in pairs_of(read(root, "test"))] == [(308, 309)]
+
+
+def test_sharding_reports_each_left_out_image_once(tmp_path):
+    root, expected = release_with_excluded_images(tmp_path)
+    out = tmp_path / "out"
+    summary = shard_dataset("ap10k", Location(str(root)), Location(str(out)))
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    image_rejects = [r for r in rejects if r["kind"] == "image"]
+    assert sorted((r["item"], r["reason"]) for r in image_rejects) == sorted((e[0], e[2]) for e in expected)
+    assert sum(sum(s["images_left_out_by_reason"].values()) for s in summary.values()) == len(expected)
+    # The one usable pair has no image files in this release: rejected, counted, not lost.
+    assert summary["test"]["input_pairs"] == summary["test"]["rejected_pairs"] == 1
+    assert summary["test"]["rejects_by_reason"] == {validate.MISSING_IMAGE: 1}
 
 
 def test_reading_is_deterministic_and_the_seed_matters(mixed_raw_root):

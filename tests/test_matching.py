@@ -291,3 +291,15 @@ def test_bfloat16_agrees_with_float32() -> None:
     bf16_scores = scores.bfloat16().requires_grad_(True)
     window_soft_argmax(bf16_scores, 45, SHARP).sum().backward()
     assert bf16_scores.grad is not None and bf16_scores.grad.dtype == torch.bfloat16
+
+
+def test_localization_stays_float32_under_bfloat16_autocast() -> None:
+    """Coordinates near 200 cells would be rounded to whole cells in bfloat16."""
+    scores = torch.zeros(1, 1, 1, 256)
+    scores[0, 0, 0, 200] = 1.0
+    scores[0, 0, 0, 201] = 1.0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for window in (5, None):
+            cells = localize(scores, window, beta=0.02)
+            assert cells.dtype == torch.float32
+            assert cells[0, 0].tolist() == [200.5, 0.0]

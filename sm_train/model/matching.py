@@ -178,8 +178,9 @@ def _expected_cell(scores: Tensor, beta: float) -> tuple[Tensor, Tensor]:
     height, width = scores.shape[-2:]
     # At beta = 0.02 the logits span +-50: float32 keeps the softmax and the sums accurate.
     weights = torch.softmax(scores.to(compute_dtype).flatten(2) / beta, dim=2).unflatten(2, (height, width))
-    x = weights.sum(dim=2) @ torch.arange(width, dtype=compute_dtype, device=scores.device)
-    y = weights.sum(dim=3) @ torch.arange(height, dtype=compute_dtype, device=scores.device)
+    # Multiply-and-sum rather than a matmul, which autocast would run (and return) in bfloat16.
+    x = (weights.sum(dim=2) * torch.arange(width, dtype=compute_dtype, device=scores.device)).sum(-1)
+    y = (weights.sum(dim=3) * torch.arange(height, dtype=compute_dtype, device=scores.device)).sum(-1)
     return x, y
 
 

@@ -1,0 +1,259 @@
+"""SimpleMatch training memory and inference speed, each beside its baseline in one run.
+
+    .venv/bin/python benchmarks/bench_model.py [--quick] [--device cpu|cuda] [--dtype float32|bfloat16]
+
+Random weights throughout (``weights=None``); the official DINOv2 ViT-B/14 LoRA config.
+
+1. Peak memory of one training step (forward + loss + backward) at ``--size`` 252, batch 4,
+   20 keypoints, in these modes:
+
+   - ``dense``: every source position's feature against the whole target map (a full
+     ``[B, h*w, h*w]`` correlation at 1/4) and a dense soft-argmax for every source position (a
+     dense flow field, as a dense-correspondence baseline computes), whose keypoint rows are then
+     taken;
+   - ``dense-rows`` (for reference): the same correlation, the dense soft-argmax on the keypoint
+     rows only;
+   - ``window``: the same correlation, the keypoint rows taken, window localization;
+   - ``window+sparse``: keypoint features only, window localization (the real model).
+
+   Each mode runs in a fresh process. On the CPU the figure is the peak RSS of the process
+   (``resource.getrusage().ru_maxrss``) minus its RSS once the model and inputs are built, i.e.
+   the activations, gradients and allocator overhead of the step; with CUDA also
+   ``torch.cuda.max_memory_allocated`` minus the allocation before the step. Goal:
+   ``window+sparse`` at most 0.49 of ``dense``.
+2. Inference pairs/s of the full model against the backbone alone on the same inputs (eval, no
+   grad, warm-up runs, median of timed runs), and the forward FLOPs of each (matmuls and
+   convolutions, ``torch.utils.flop_counter``), which do not depend on the machine. Goal:
+   full-model rate at least 0.8 of the backbone's.
+3. With ``--device cuda``: the same at 252 and 448; add ``--dtype bfloat16`` for bfloat16 autocast.
+
+In the dense modes a keypoint's row is the 1/4 cell nearest to it (the model itself samples
+bilinearly). ``--size``/``--batch`` change the memory setting (e.g. ``--size 448 --batch 2
+--only memory``): the correlation grows as (S/4)^4, the decoder's activations as (S/4)^2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.utils.flop_counter import FlopCounterMode
+
+from sm_train.model.config import ModelConfig
+from sm_train.model.loss import keypoint_loss
+from sm_train.model.matching import (
+    cells_to_pixels,
+    cosine_similarity,
+    dense_soft_argmax,
+    pixels_to_cells,
+    window_soft_argmax,
+)
+from sm_train.model.simplematch import SimpleMatch
+
+MEMORY_MODES = ("dense", "dense-rows", "window", "window+sparse")
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What every measurement builds: model config, batch size, keypoints per pair, device, dtype."""
+
+    config: ModelConfig
+    batch: int
+    keypoints: int
+    device: str
+    dtype: str
+
+    def inputs(self, image_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Random ``src``, ``trg`` ``[B, 3, S, S]``, keypoints and targets ``[B, K, 2]``, all-valid mask."""
+        generator = torch.Generator().manual_seed(0)
+        images = torch.randn(2, self.batch, 3, image_size, image_size, generator=generator)
+        points = torch.rand(2, self.batch, self.keypoints, 2, generator=generator) * (image_size - 1)
+        valid = torch.ones(self.batch, self.keypoints, dtype=torch.bool)
+        src, trg = images.to(self.device)
+        src_kps, trg_kps = points.to(self.device)
+        return src, trg, src_kps, trg_kps, valid.to(self.device)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype == "float32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device, dtype=getattr(torch, self.dtype))
+
+
+def _current_rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _keypoint_rows(src_kps: Tensor, side: int, stride: float) -> Tensor:
+    """Flat index ``[B, K]`` of the 1/4 cell nearest to each keypoint."""
+    cells = pixels_to_cells(src_kps, stride).round().clamp(0, side - 1).long()
+    return cells[..., 1] * side + cells[..., 0]
+
+
+def _dense_predictions(model: SimpleMatch, mode: str, src: Tensor, trg: Tensor, src_kps: Tensor) -> Tensor:
+    """Keypoint predictions ``[B, K, 2]`` (input pixels) through the full ``[B, h*w, h*w]`` correlation."""
+    features = model.backbone(torch.cat([src, trg]))
+    fine = model.decoder(features, src.shape[-1])[-1]
+    src_map, trg_map = fine.features.chunk(2)
+    side = src_map.shape[-1]
+    scores = cosine_similarity(src_map.flatten(2).transpose(1, 2), trg_map)  # [B, h*w, h, w]
+    rows = _keypoint_rows(src_kps, side, fine.stride)  # [B, K]
+    if mode == "dense":
+        flow = dense_soft_argmax(scores, model.config.beta)  # [B, h*w, 2]
+        cells = flow.gather(1, rows.unsqueeze(-1).expand(-1, -1, 2))
+    else:
+        keypoint_scores = scores.gather(1, rows[..., None, None].expand(-1, -1, side, side))  # [B, K, h, w]
+        if mode == "dense-rows":
+            cells = dense_soft_argmax(keypoint_scores, model.config.beta)
+        else:
+            cells = window_soft_argmax(keypoint_scores, model.config.window_size, model.config.beta)
+    return cells_to_pixels(cells, fine.stride)
+
+
+def measure_memory(setup: Setup, mode: str) -> dict[str, float]:
+    """One training step in ``mode`` in this process; memory figures in MiB."""
+    torch.manual_seed(0)
+    model = SimpleMatch(setup.config).to(setup.device).train()
+    src, trg, src_kps, trg_kps, valid = setup.inputs(setup.config.image_size)
+    baseline_rss = _current_rss_bytes()
+    if setup.device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        baseline_cuda = torch.cuda.memory_allocated()
+    with setup.autocast():
+        if mode == "window+sparse":
+            loss = model.loss(model(src, trg, src_kps, valid), trg_kps, valid)
+        else:
+            loss = keypoint_loss(_dense_predictions(model, mode, src, trg, src_kps), trg_kps, valid)
+    loss.backward()
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    result = {"cpu_step_peak_mib": (peak_rss - baseline_rss) / 2**20}
+    if setup.device == "cuda":
+        torch.cuda.synchronize()
+        result["cuda_step_peak_mib"] = (torch.cuda.max_memory_allocated() - baseline_cuda) / 2**20
+    return result
+
+
+def _memory_in_subprocess(mode: str) -> dict[str, float]:
+    """:func:`measure_memory` in a fresh interpreter with this run's options."""
+    command = [sys.executable, __file__, *sys.argv[1:], "--measure-memory", mode]
+    completed = subprocess.run(command, check=True, capture_output=True, text=True)
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def _median_seconds(step, warmup: int, repeats: int, device: str) -> float:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure_inference(setup: Setup, image_size: int, warmup: int, repeats: int) -> dict[str, float]:
+    """Pairs/s and forward FLOPs (matmuls and convolutions, ``torch.utils.flop_counter``) of the
+    full model and of the backbone alone on the same ``2B`` images."""
+    torch.manual_seed(0)
+    model = SimpleMatch(setup.config).to(setup.device).eval()
+    src, trg, src_kps, _, valid = setup.inputs(image_size)
+    images = torch.cat([src, trg])
+
+    def full() -> None:
+        with torch.no_grad(), setup.autocast():
+            model(src, trg, src_kps, valid)
+
+    def backbone() -> None:
+        with torch.no_grad(), setup.autocast():
+            model.backbone(images)
+
+    result = {}
+    for name, step in (("full", full), ("backbone", backbone)):
+        with FlopCounterMode(display=False) as counter:
+            step()
+        result[f"{name}_gflops"] = counter.get_total_flops() / 1e9
+        result[f"{name}_pairs_per_s"] = setup.batch / _median_seconds(step, warmup, repeats, setup.device)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: ViT-S/14 at 56 px, 64 channels, batch 2")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="autocast dtype")
+    parser.add_argument("--size", type=int, default=252, help="input side (memory; speed too on the CPU)")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--keypoints", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--only", choices=("memory", "speed"), help="run one of the two measurements")
+    parser.add_argument("--measure-memory", choices=MEMORY_MODES, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    config = ModelConfig(image_size=args.size)
+    batch, warmup, repeats = args.batch, args.warmup, args.repeats
+    if args.quick:
+        config = ModelConfig(backbone="dinov2_vits14", image_size=56, decoder_channels=64, window_size=7)
+        batch, warmup, repeats = 2, 1, 2
+    setup = Setup(config, batch, args.keypoints, args.device, args.dtype)
+
+    if args.measure_memory:
+        print(json.dumps(measure_memory(setup, args.measure_memory)))
+        return
+
+    print(
+        f"backbone {config.backbone} ({config.finetune}), decoder {config.decoder_channels} ch, "
+        f"window {config.window_size}, batch {batch}, {args.keypoints} keypoints, "
+        f"device {args.device}, {args.dtype}, {torch.get_num_threads()} threads"
+    )
+    if args.only != "speed":
+        _report_memory(config.image_size)
+    if args.only != "memory":
+        _report_speed(setup, args.quick, warmup, repeats)
+
+
+def _report_memory(image_size: int) -> None:
+    print(f"\n1. training-step peak memory at {image_size} px, MiB above the built model (a process per mode)")
+    results = {mode: _memory_in_subprocess(mode) for mode in MEMORY_MODES}
+    for key in results["dense"]:
+        dense = results["dense"][key]
+        print(f"   {key}:")
+        for mode in MEMORY_MODES:
+            print(f"     {mode:<14} {results[mode][key]:9.1f}   {results[mode][key] / dense:5.2f} x dense")
+    print("   goal: window+sparse <= 0.49 x dense")
+
+
+def _report_speed(setup: Setup, quick: bool, warmup: int, repeats: int) -> None:
+    config = setup.config
+    sizes = [config.image_size] if quick or setup.device == "cpu" else [252, 448]
+    print(f"\n2. inference, eval, no grad: pairs/s (median of {repeats} after {warmup} warm-up), GFLOPs per batch")
+    for image_size in sizes:
+        r = measure_inference(setup, image_size, warmup, repeats)
+        rate_ratio = r["full_pairs_per_s"] / r["backbone_pairs_per_s"]
+        flop_ratio = r["full_gflops"] / r["backbone_gflops"]
+        print(f"   {image_size} px")
+        print(f"     full model {r['full_pairs_per_s']:8.2f} pairs/s {r['full_gflops']:9.1f} GFLOPs")
+        print(f"     backbone   {r['backbone_pairs_per_s']:8.2f} pairs/s {r['backbone_gflops']:9.1f} GFLOPs")
+        print(f"     full / backbone: rate {rate_ratio:4.2f} (goal >= 0.8), FLOPs {flop_ratio:4.2f}")
+
+
+if __name__ == "__main__":
+    main()

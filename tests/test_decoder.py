@@ -61,7 +61,7 @@ def test_official_vit_decoder_parameter_count() -> None:
     assert _count(decoder) == 24_193_536
     assert _count(decoder.up_conv) == 2_360_064
     assert _count(decoder.refine_mid) == _count(decoder.refine_fine) == 10_621_440
-    assert _count(decoder.proj_fine) == 590_592
+    assert _count(decoder.heads.fine) == 590_592
 
 
 def test_vit_decoder_adds_a_1x1_conv_only_for_other_widths() -> None:
@@ -79,7 +79,7 @@ def test_official_resnet_decoder_parameter_count() -> None:
     assert _count(decoder.up_conv_coarse) + _count(decoder.up_conv_mid) == 2_098_176
     blocks = (decoder.refine_coarse, decoder.refine_mid, decoder.refine_fine)
     assert sum(_count(block) for block in blocks) == 14_164_992
-    assert sum(_count(head) for head in (decoder.proj_coarse, decoder.proj_mid, decoder.proj_fine)) == 787_968
+    assert sum(_count(head) for head in (decoder.heads.coarse, decoder.heads.mid, decoder.heads.fine)) == 787_968
     single = build_decoder(ModelConfig(backbone="resnet101", decoder_channels=512), RESNET_CHANNELS)
     assert _count(single) == 18_756_608 - 2 * 262_656
 
@@ -108,8 +108,8 @@ def test_vit_decoder_path_reduces_to_bilinear_upsampling_when_its_layers_are_zer
             for unit in (block.first, block.second):
                 unit[0].weight.zero_()
                 unit[0].bias.zero_()
-        decoder.proj_fine.weight.copy_(torch.eye(3))
-        decoder.proj_fine.bias.zero_()
+        decoder.heads.fine.weight.copy_(torch.eye(3))
+        decoder.heads.fine.bias.zero_()
     tokens = torch.randn(1, 3, 18, 18)
     doubled = F.interpolate(tokens, scale_factor=2, mode="bilinear", align_corners=False)
     expected = F.interpolate(doubled, size=(63, 63), mode="bilinear", align_corners=False)

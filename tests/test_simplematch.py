@@ -219,10 +219,10 @@ def test_checkpoint_errors_name_keys_and_fields(tmp_path: Path) -> None:
     model = SimpleMatch(TINY)
     save_checkpoint(model, tmp_path / "full.pt")
     checkpoint = torch.load(tmp_path / "full.pt", weights_only=True)
-    del checkpoint["state_dict"]["decoder.proj_fine.bias"]
+    del checkpoint["state_dict"]["decoder.heads.fine.bias"]
     checkpoint["state_dict"]["decoder.extra"] = torch.zeros(1)
     torch.save(checkpoint, tmp_path / "edited.pt")
-    expected = r"missing keys \['decoder.proj_fine.bias'\], unexpected keys \['decoder.extra'\]"
+    expected = r"missing keys \['decoder.heads.fine.bias'\], unexpected keys \['decoder.extra'\]"
     with pytest.raises(ValueError, match=expected):
         load_checkpoint(model, tmp_path / "edited.pt")
     with pytest.raises(ValueError, match="decoder_channels: checkpoint 16, model 8"):
@@ -246,7 +246,7 @@ OFFICIAL_DECODER_NAMES = {
     "decoder.refine_mid.second.": "conv_refine1.block2.",
     "decoder.refine_fine.first.": "conv_refine2.block1.",
     "decoder.refine_fine.second.": "conv_refine2.block2.",
-    "decoder.proj_fine.": "proj.",
+    "decoder.heads.fine.": "proj.",
 }
 
 
@@ -290,7 +290,7 @@ def test_official_dinov2_lora_checkpoint(tmp_path: Path, caplog: pytest.LogCaptu
     del official["proj.bias"]
     official["conv_refine3.weight"] = torch.zeros(1)
     torch.save(official, tmp_path / "broken.pth")
-    expected = r"missing keys \['decoder.proj_fine.bias'\], unexpected keys \['conv_refine3.weight'\]"
+    expected = r"missing keys \['decoder.heads.fine.bias'\], unexpected keys \['conv_refine3.weight'\]"
     with pytest.raises(ValueError, match=expected):
         load_official_checkpoint(target, tmp_path / "broken.pth")
     with torch.device("meta"):  # its weights are never read

@@ -63,12 +63,31 @@ def _stride(image_size: int, feature_map: Tensor) -> float:
     return image_size / feature_map.shape[-2]
 
 
+class ScaleHeads(nn.Module):
+    """Per-scale linear projections of the decoder maps (the released model's ``proj``): ``fine``
+    (1/4) always, ``coarse`` and ``mid`` only when multi-scale."""
+
+    def __init__(self, channels: int, multiscale: bool) -> None:
+        super().__init__()
+        self.fine = nn.Linear(channels, channels)
+        self.multiscale = multiscale
+        if multiscale:
+            self.coarse = nn.Linear(channels, channels)
+            self.mid = nn.Linear(channels, channels)
+
+    def forward(self, coarse: Tensor, mid: Tensor, fine: Tensor, image_size: int) -> list[ScaleFeatures]:
+        """Maps ``[B, C, h, w]`` -> projected maps with their strides, coarse to fine (only the
+        fine one unless multi-scale)."""
+        maps = [(self.coarse, coarse), (self.mid, mid), (self.fine, fine)] if self.multiscale else [(self.fine, fine)]
+        return [ScaleFeatures(_project(head, x), _stride(image_size, x)) for head, x in maps]
+
+
 class ViTDecoder(nn.Module):
     """The ViT decoder of the released SimpleMatch model.
 
     ``tokens [B, Cb, S/p, S/p]`` -> Dropout -> (1x1 conv to ``C`` when ``Cb != C``) ->
     ``ConvTranspose2d(k2, s2)(x) + bilinear_x2(x)`` -> :class:`ConvBlock` -> bilinear resize to
-    exactly ``(S // 4, S // 4)`` -> :class:`ConvBlock` -> ``proj_fine``.
+    exactly ``(S // 4, S // 4)`` -> :class:`ConvBlock` -> fine head.
 
     The paper describes a second transposed-conv + bilinear module; the released code defines that
     transposed conv (``trans_conv2``) but never uses it, and resizes bilinearly instead (x1.75 for
@@ -87,11 +106,7 @@ class ViTDecoder(nn.Module):
         self.up_conv = nn.ConvTranspose2d(channels, channels, kernel_size=2, stride=2)
         self.refine_mid = ConvBlock(channels)
         self.refine_fine = ConvBlock(channels)
-        self.proj_fine = nn.Linear(channels, channels)
-        self.multiscale = multiscale
-        if multiscale:
-            self.proj_coarse = nn.Linear(channels, channels)
-            self.proj_mid = nn.Linear(channels, channels)
+        self.heads = ScaleHeads(channels, multiscale)
 
     def forward(self, features: list[Tensor], image_size: int) -> list[ScaleFeatures]:
         """``features``: ``[tokens [B, Cb, S/p, S/p]]``; ``image_size``: ``S``. Returns the 1/4 map
@@ -102,14 +117,7 @@ class ViTDecoder(nn.Module):
         mid = self.refine_mid(mid)
         fine = F.interpolate(mid, size=(image_size // 4, image_size // 4), mode="bilinear", align_corners=False)
         fine = self.refine_fine(fine)
-        outputs = [ScaleFeatures(_project(self.proj_fine, fine), _stride(image_size, fine))]
-        if self.multiscale:
-            outputs = [
-                ScaleFeatures(_project(self.proj_coarse, coarse), _stride(image_size, coarse)),
-                ScaleFeatures(_project(self.proj_mid, mid), _stride(image_size, mid)),
-                *outputs,
-            ]
-        return outputs
+        return self.heads(coarse, mid, fine, image_size)
 
 
 class ResNetDecoder(nn.Module):
@@ -118,15 +126,15 @@ class ResNetDecoder(nn.Module):
     ``layer1..4`` (strides 4, 8, 16, 32) are brought to ``C`` channels by 1x1 "align" convs
     (Identity where a stage already has ``C``), then
 
-    - ``s16 = align3(layer3) + ConvT(align4(layer4))`` -> :class:`ConvBlock` -> ``proj_coarse``;
-    - ``s8  = align2(layer2) + ConvT(s16)`` -> :class:`ConvBlock` -> ``proj_mid``;
+    - ``s16 = align3(layer3) + ConvT(align4(layer4))`` -> :class:`ConvBlock` -> coarse head;
+    - ``s8  = align2(layer2) + ConvT(s16)`` -> :class:`ConvBlock` -> mid head;
     - ``s4  = align1(layer1) + bilinear(s8 -> size of layer1, align_corners=True)`` ->
-      :class:`ConvBlock` -> ``proj_fine``.
+      :class:`ConvBlock` -> fine head.
 
     At sizes that are not multiples of 32 a transposed conv's output can be one cell larger than
     its skip map; it is then resized bilinearly to the skip's size (the released code only ran at
     256, where sizes agree). The released ResNet model has no dropout, and neither has this decoder:
-    ``decoder_dropout`` applies to ViT tokens only. Single-scale drops ``proj_coarse``/``proj_mid``.
+    ``decoder_dropout`` applies to ViT tokens only. Single-scale drops the coarse and mid heads.
 
     With ``C = 512``, multi-scale: 18,756,608 parameters (aligns 1,705,472; two transposed convs
     2,098,176; three ConvBlocks 14,164,992; three heads 787,968).
@@ -144,11 +152,7 @@ class ResNetDecoder(nn.Module):
         self.refine_coarse = ConvBlock(channels)
         self.refine_mid = ConvBlock(channels)
         self.refine_fine = ConvBlock(channels)
-        self.proj_fine = nn.Linear(channels, channels)
-        self.multiscale = multiscale
-        if multiscale:
-            self.proj_coarse = nn.Linear(channels, channels)
-            self.proj_mid = nn.Linear(channels, channels)
+        self.heads = ScaleHeads(channels, multiscale)
 
     def forward(self, features: list[Tensor], image_size: int) -> list[ScaleFeatures]:
         """``features``: the four stages ``[B, Ci, ~S/s, ~S/s]`` for s = 4, 8, 16, 32; ``image_size``:
@@ -158,14 +162,7 @@ class ResNetDecoder(nn.Module):
         mid = self.refine_mid(layer2 + _resized_like(self.up_conv_mid(coarse), layer2))
         upsampled = F.interpolate(mid, size=layer1.shape[-2:], mode="bilinear", align_corners=True)
         fine = self.refine_fine(layer1 + upsampled)
-        outputs = [ScaleFeatures(_project(self.proj_fine, fine), _stride(image_size, fine))]
-        if self.multiscale:
-            outputs = [
-                ScaleFeatures(_project(self.proj_coarse, coarse), _stride(image_size, coarse)),
-                ScaleFeatures(_project(self.proj_mid, mid), _stride(image_size, mid)),
-                *outputs,
-            ]
-        return outputs
+        return self.heads(coarse, mid, fine, image_size)
 
 
 def _resized_like(x: Tensor, reference: Tensor) -> Tensor:

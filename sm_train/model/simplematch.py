@@ -310,7 +310,7 @@ _OFFICIAL_DECODER_PREFIXES = {
     "conv_refine1.block2.": "decoder.refine_mid.second.",
     "conv_refine2.block1.": "decoder.refine_fine.first.",
     "conv_refine2.block2.": "decoder.refine_fine.second.",
-    "proj.": "decoder.proj_fine.",
+    "proj.": "decoder.heads.fine.",
 }
 _OFFICIAL_UNUSED_PREFIXES = ("trans_conv2.",)
 """Defined by the released decoder but never used by its forward."""

@@ -24,6 +24,7 @@ demo: venv
 
 bench: venv
 	$(PY) benchmarks/bench_shard.py
+	$(PY) benchmarks/bench_model.py
 
 clean-demo:
 	rm -rf $(DEMO_DATA) $(DEMO_SHARDS)

@@ -16,6 +16,8 @@ import numpy as np
 import scipy.io
 from PIL import Image
 
+from pipelines.schema import Reject
+
 PASCAL_CSV_PREFIX = "PF-dataset-PASCAL/JPEGImages"
 WILLOW_NUM_KEYPOINTS = 10
 
@@ -83,3 +85,9 @@ def write_willow_mat(path: Path, pts: np.ndarray) -> None:
     """``<subclass>/<name>.mat`` holding ``pts_coord`` 2 x 10 (row 0 = x, row 1 = y) from ``(10, 2)``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     scipy.io.savemat(path, {"pts_coord": np.asarray(pts, dtype=np.float64).T})
+
+
+def only_reject(items: list) -> Reject:
+    """The single item a reader yielded for a one-row fixture, which must be a reject."""
+    assert len(items) == 1 and isinstance(items[0], Reject), items
+    return items[0]

@@ -15,7 +15,7 @@ from pipelines import validate
 from pipelines.schema import ImageRef, PairRecord, Reject
 from pipelines.sources import get_source, pfpascal
 from pipelines.storage import Location
-from tests.pf_format import ImageFiles, float_list, pascal_csv_image, write_csv, write_pascal_mat
+from tests.pf_format import ImageFiles, float_list, only_reject, pascal_csv_image, write_csv, write_pascal_mat
 
 NAN = np.nan
 MAT_HEADER = ["source_image", "target_image", "class", "flip"]
@@ -30,11 +30,6 @@ TRG_BBOX = np.array([1.0, 1.0, 120.0, 80.0])
 
 def read_all(root: Path, split: str) -> list[PairRecord | Reject]:
     return list(pfpascal.read_pairs(Location(str(root)), split))
-
-
-def only_reject(items: list[PairRecord | Reject]) -> Reject:
-    assert len(items) == 1 and isinstance(items[0], Reject), items
-    return items[0]
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from pipelines import validate
 from pipelines.schema import ImageRef, PairRecord, Reject
 from pipelines.sources import get_source, pfwillow
 from pipelines.storage import Location
-from tests.pf_format import ImageFiles, willow_header, willow_row, write_csv, write_willow_mat
+from tests.pf_format import ImageFiles, only_reject, willow_header, willow_row, write_csv, write_willow_mat
 
 # Hand-made 1-based keypoints (x, y) of two car(G) images; in the schema frame each is 1.0 less.
 PTS_A = np.array([[float(10 + 3 * i), float(50 - 2 * i)] for i in range(10)])  # x 10..37, y 32..50
@@ -24,11 +24,6 @@ IMAGE_B = "PF-dataset-WILLOW/car(G)/Cars_007a.png"
 
 def read_all(root: Path, split: str = "test") -> list[PairRecord | Reject]:
     return list(pfwillow.read_pairs(Location(str(root)), split))
-
-
-def only_reject(items: list[PairRecord | Reject]) -> Reject:
-    assert len(items) == 1 and isinstance(items[0], Reject), items
-    return items[0]
 
 
 @pytest.fixture

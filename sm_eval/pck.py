@@ -1,0 +1,265 @@
+"""The PCK protocol: thresholds, hits, per-keypoint records and their aggregation.
+
+This module is the only place the protocol is defined. Training validation and ``sm_eval`` both use it.
+Everything here is plain numpy.
+
+Protocol
+--------
+* Coordinates follow :mod:`pipelines.schema`: ``(x, y)`` pixels of the original image, 0-based,
+  pixel centres on integers.
+* A keypoint is correct at ``alpha`` when ``||pred - gt||_2 <= alpha * base``. ``rule="<"`` gives
+  the strict variant that GeoAware and sd-dino use.
+* ``base`` comes from the *target* image (:func:`threshold_base`):
+  * ``bbox`` is the max side of the bbox, with no ``+1``.
+  * ``img`` is the max side of the image.
+  * ``bbox-kp`` is the max side of the box around the *valid* keypoints only. The official
+    PF-WILLOW code also took min/max over ``-1`` padding, which inflated the threshold.
+* Frame: by default, distances and thresholds are measured in the original image. The
+  ``resized`` frame reproduces older papers. Predictions, ground truth and the threshold base all
+  move into the anisotropically resized ``S x S`` image (:func:`to_resized_square`). There, a
+  bbox base is measured on the resized box, and the ``img`` base is ``S``.
+* Averages (:func:`summarize`):
+  * *per image* is the mean over pairs of each pair's fraction of correct keypoints.
+  * *per keypoint* is total correct / total keypoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, Literal
+
+import numpy as np
+
+from pipelines.schema import THRESHOLD_KINDS
+
+Rule = Literal["<=", "<"]
+Frame = Literal["original", "resized"]
+RULES: tuple[str, ...] = ("<=", "<")
+FLAG_COLUMNS: tuple[str, ...] = ("viewpoint_variation", "scale_variation", "truncation", "occlusion")
+
+
+def to_resized_square(points: np.ndarray, size_wh: tuple[int, int], square: int) -> np.ndarray:
+    """Map ``points`` ``(..., 2)`` from an image of size ``(W, H)`` into the same image resized
+    anisotropically to ``square x square``, using pixel-centre alignment:
+    ``x' = (x + 0.5) * S / W - 0.5``, and ``y`` likewise with ``H``. Returns ``(..., 2)`` float64."""
+    scale = np.array([square / size_wh[0], square / size_wh[1]], dtype=np.float64)
+    return (np.asarray(points, dtype=np.float64) + 0.5) * scale - 0.5
+
+
+def _max_side(lo: np.ndarray, hi: np.ndarray) -> float:
+    return float(np.max(hi - lo))
+
+
+def threshold_base(
+    kind: str,
+    trg_bbox: np.ndarray,
+    trg_size: tuple[int, int],
+    trg_kps: np.ndarray,
+    valid: np.ndarray,
+) -> float:
+    """The threshold base (the threshold at ``alpha = 1``) of one pair, in the frame of its inputs.
+
+    Shapes: ``trg_bbox`` ``(4,)`` as ``(x1, y1, x2, y2)``; ``trg_size`` ``(W, H)``; ``trg_kps``
+    ``(N, 2)``; ``valid`` ``(N,)`` bool. Only ``bbox-kp`` reads the keypoints, and only the valid rows.
+    """
+    if kind == "bbox":
+        box = np.asarray(trg_bbox, dtype=np.float64).reshape(2, 2)
+        return _max_side(box[0], box[1])
+    if kind == "img":
+        return float(max(trg_size))
+    if kind == "bbox-kp":
+        kps = np.asarray(trg_kps, dtype=np.float64).reshape(-1, 2)[np.asarray(valid, dtype=bool)]
+        if len(kps) == 0:
+            raise ValueError("bbox-kp threshold needs at least one valid target keypoint")
+        return _max_side(kps.min(axis=0), kps.max(axis=0))
+    raise ValueError(f"unknown threshold kind {kind!r}; expected one of {THRESHOLD_KINDS}")
+
+
+def keypoint_hits(
+    pred: np.ndarray,
+    gt: np.ndarray,
+    base: float | np.ndarray,
+    alphas: Sequence[float],
+    rule: str = "<=",
+) -> np.ndarray:
+    """Which keypoints fall within ``alpha * base`` of their ground truth, for each alpha.
+
+    Shapes: ``pred``/``gt`` ``(N, 2)``; ``base`` is a scalar or ``(N,)`` (one base per keypoint).
+    Returns ``(len(alphas), N)`` bool.
+    """
+    if rule not in RULES:
+        raise ValueError(f"unknown rule {rule!r}; expected one of {RULES}")
+    diff = np.asarray(pred, dtype=np.float64).reshape(-1, 2) - np.asarray(gt, dtype=np.float64).reshape(-1, 2)
+    dist = np.hypot(diff[:, 0], diff[:, 1])
+    thresholds = np.asarray(alphas, dtype=np.float64)[:, None] * np.asarray(base, dtype=np.float64)
+    return dist <= thresholds if rule == "<=" else dist < thresholds
+
+
+@dataclass
+class KeypointRecords:
+    """Per-keypoint records, the unit all aggregation works on. Every column is an ``(M,)`` numpy array.
+
+    Coordinates and ``threshold_base`` are stored in the record's ``frame``: ``"original"``, or
+    ``"resized-<S>"`` for the ``S x S`` frame. A flag column is ``None`` when the dataset has no
+    such flag. :meth:`to_dict` gives a dict of arrays that ``pyarrow.table`` accepts directly.
+    """
+
+    pair_key: np.ndarray
+    kp_id: np.ndarray
+    category: np.ndarray
+    pred_x: np.ndarray
+    pred_y: np.ndarray
+    gt_x: np.ndarray
+    gt_y: np.ndarray
+    threshold_base: np.ndarray
+    frame: np.ndarray
+    viewpoint_variation: np.ndarray | None = None
+    scale_variation: np.ndarray | None = None
+    truncation: np.ndarray | None = None
+    occlusion: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.pair_key)
+
+    def flags(self) -> dict[str, np.ndarray]:
+        """The flag columns that are present, by name."""
+        return {name: getattr(self, name) for name in FLAG_COLUMNS if getattr(self, name) is not None}
+
+    def to_dict(self) -> dict[str, np.ndarray]:
+        """The columns that are present, by name."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+    @classmethod
+    def from_dict(cls, columns: Mapping[str, Any]) -> KeypointRecords:
+        """Rebuild records from :meth:`to_dict` output or from ``pyarrow.Table.to_pydict()``."""
+        return cls(**{name: np.asarray(values) for name, values in columns.items()})
+
+    def take(self, index: np.ndarray) -> KeypointRecords:
+        """The records at ``index``, an ``(K,)`` int array or an ``(M,)`` bool mask."""
+        return KeypointRecords(**{name: values[index] for name, values in self.to_dict().items()})
+
+    @classmethod
+    def concat(cls, parts: Sequence[KeypointRecords]) -> KeypointRecords:
+        """All records of ``parts``. Every part must carry the same set of flag columns."""
+        if not parts:
+            raise ValueError("concat needs at least one KeypointRecords")
+        names = set(parts[0].to_dict())
+        if any(set(part.to_dict()) != names for part in parts):
+            raise ValueError("cannot concatenate records with different flag columns")
+        return cls(**{name: np.concatenate([part.to_dict()[name] for part in parts]) for name in names})
+
+
+def records_for_pair(
+    pair_key: str,
+    category: str,
+    pred: np.ndarray,
+    trg_kps: np.ndarray,
+    valid: np.ndarray,
+    kps_ids: np.ndarray,
+    kind: str,
+    trg_bbox: np.ndarray,
+    trg_size: tuple[int, int],
+    frame: Frame = "original",
+    square: int | None = None,
+    flags: Mapping[str, int] | None = None,
+) -> KeypointRecords:
+    """Records for the valid keypoints of one pair. Padding rows never become records.
+
+    Inputs are in the original target image. ``pred``/``trg_kps`` ``(N, 2)``; ``valid`` ``(N,)``
+    bool; ``kps_ids`` ``(N,)``; ``trg_bbox`` ``(4,)`` as ``(x1, y1, x2, y2)``; ``trg_size``
+    ``(W, H)``. With ``frame="resized"``, ``square`` is the side ``S``, and the predictions, the
+    ground truth, the bbox and the keypoint box all move into the ``S x S`` frame. The ``img``
+    base then becomes ``S``. ``flags`` holds per-pair difficulty values, keyed by names in
+    :data:`FLAG_COLUMNS`. Returns ``K`` records, where ``K = valid.sum()``.
+    """
+    valid = np.asarray(valid, dtype=bool)
+    pred = np.asarray(pred, dtype=np.float64).reshape(-1, 2)
+    gt = np.asarray(trg_kps, dtype=np.float64).reshape(-1, 2)
+    bbox = np.asarray(trg_bbox, dtype=np.float64)
+    size = trg_size
+    if frame == "resized":
+        if square is None:
+            raise ValueError("frame='resized' needs square=S")
+        pred, gt = to_resized_square(pred, trg_size, square), to_resized_square(gt, trg_size, square)
+        bbox = to_resized_square(bbox.reshape(2, 2), trg_size, square).reshape(4)
+        size = (square, square)
+        frame_name = f"resized-{square}"
+    elif frame == "original":
+        if square is not None:
+            raise ValueError("square is only meaningful with frame='resized'")
+        frame_name = "original"
+    else:
+        raise ValueError(f"unknown frame {frame!r}; expected 'original' or 'resized'")
+    unknown = set(flags or {}) - set(FLAG_COLUMNS)
+    if unknown:
+        raise ValueError(f"unknown flag columns {sorted(unknown)}; expected some of {FLAG_COLUMNS}")
+    base = threshold_base(kind, bbox, size, gt, valid)
+    count = int(valid.sum())
+    pred, gt = pred[valid], gt[valid]
+    return KeypointRecords(
+        pair_key=np.full(count, pair_key, dtype=object),
+        kp_id=np.asarray(kps_ids, dtype=np.int64)[valid],
+        category=np.full(count, category, dtype=object),
+        pred_x=pred[:, 0],
+        pred_y=pred[:, 1],
+        gt_x=gt[:, 0],
+        gt_y=gt[:, 1],
+        threshold_base=np.full(count, base),
+        frame=np.full(count, frame_name, dtype=object),
+        **{name: np.full(count, int(value), dtype=np.int64) for name, value in (flags or {}).items()},
+    )
+
+
+def _scores(hits: np.ndarray, pair_index: np.ndarray) -> dict[str, Any]:
+    """Both averages over one group of records. ``hits`` is ``(A, K)`` bool and ``pair_index``
+    is ``(K,)`` int, where a lower index means an earlier pair key in sorted order. Counts are
+    integers, and per-pair fractions are averaged in sorted pair order, so the result does not
+    depend on the order of the records."""
+    pairs, inverse = np.unique(pair_index, return_inverse=True)
+    per_pair_total = np.bincount(inverse, minlength=len(pairs))
+    per_image, per_keypoint = [], []
+    for row in hits:
+        per_pair_correct = np.bincount(inverse[row], minlength=len(pairs))
+        per_image.append(float(np.mean(per_pair_correct / per_pair_total)))
+        per_keypoint.append(int(row.sum()) / hits.shape[1])
+    return {"per_image": per_image, "per_keypoint": per_keypoint, "n_pairs": len(pairs), "n_keypoints": hits.shape[1]}
+
+
+def _grouped(values: np.ndarray, hits: np.ndarray, pair_index: np.ndarray) -> dict[Any, dict[str, Any]]:
+    groups = np.unique(values)
+    return {_plain(group): _scores(hits[:, values == group], pair_index[values == group]) for group in groups}
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def summarize(records: KeypointRecords, alphas: Sequence[float], rule: str = "<=") -> dict[str, Any]:
+    """PCK over ``records``, overall, per category, and per value of each flag column present.
+
+    Each group holds ``per_image`` and ``per_keypoint`` lists of fractions in ``[0, 1]``, in the
+    same order as ``alphas``, along with ``n_pairs`` and ``n_keypoints``. ``protocol`` states the
+    rule, the averaging and the frame. Mixing frames is an error.
+    """
+    if len(records) == 0:
+        raise ValueError("summarize needs at least one record")
+    frames = sorted({str(f) for f in records.frame})
+    if len(frames) > 1:
+        raise ValueError(f"records mix frames {frames}")
+    pred = np.stack([records.pred_x, records.pred_y], axis=1).astype(np.float64)
+    gt = np.stack([records.gt_x, records.gt_y], axis=1).astype(np.float64)
+    hits = keypoint_hits(pred, gt, records.threshold_base.astype(np.float64), alphas, rule)
+    _, pair_index = np.unique(records.pair_key.astype(str), return_inverse=True)
+    return {
+        "protocol": {
+            "rule": f"||pred - gt||_2 {rule} alpha * threshold_base",
+            "frame": frames[0],
+            "per_image": "mean over pairs of the pair's fraction of correct keypoints",
+            "per_keypoint": "total correct keypoints / total keypoints",
+        },
+        "alphas": [float(a) for a in alphas],
+        "overall": _scores(hits, pair_index),
+        "per_category": _grouped(records.category.astype(str), hits, pair_index),
+        "per_flag": {name: _grouped(values, hits, pair_index) for name, values in records.flags().items()},
+    }

@@ -316,9 +316,9 @@ def _manifest_path(plan: ShardPlan) -> str:
     return f"{MANIFEST_DIR}/{plan.split}/{plan.name}.json"
 
 
-def _finished_shards(out: Location, split_plan: SplitPlan) -> set[str]:
-    """Shards of the plan already written completely by an earlier run with the same plan."""
-    existing = out.list_files("")
+def _finished_shards(out: Location, split_plan: SplitPlan, existing: dict[str, int]) -> set[str]:
+    """Shards of the plan already written completely by an earlier run with the same plan;
+    ``existing`` is the listing of ``out``."""
     finished = set()
     for shard in split_plan.shards:
         manifest_path = _manifest_path(shard)
@@ -328,12 +328,12 @@ def _finished_shards(out: Location, split_plan: SplitPlan) -> set[str]:
     return finished
 
 
-def _clean_stale(out: Location, split_plan: SplitPlan) -> None:
+def _clean_stale(out: Location, split_plan: SplitPlan, existing: dict[str, int]) -> None:
     """Remove partial files of an interrupted local run, and shards of this split that an
-    earlier, different plan numbered beyond the current one."""
+    earlier, different plan numbered beyond the current one; ``existing`` is the listing of ``out``."""
     planned = {shard.name for shard in split_plan.shards}
     pattern = re.compile(rf"^{re.escape(split_plan.split)}-\d{{6}}\.tar$")
-    for path in out.list_files(""):
+    for path in existing:
         name = path.rsplit("/", 1)[-1]
         # Only this split's leftovers: other splits' shards may be being written right now.
         partial = name.startswith((f".{split_plan.split}-", f".{split_plan.split}.json.")) and name.endswith((".partial", ".tmp"))
@@ -381,8 +381,10 @@ def start_split(
 ) -> StartedSplit:
     """Read and plan one split, and start writing the shards an earlier run did not finish."""
     split_plan = prepare_split(source_name, root, split, max_shard_bytes)
-    _clean_stale(out, split_plan)
-    finished = _finished_shards(out, split_plan)
+    # One listing serves both: cleaning removes only files that are not planned shards.
+    existing = out.list_files("")
+    _clean_stale(out, split_plan, existing)
+    finished = _finished_shards(out, split_plan, existing)
     if finished:
         log.info("%s: %d of %d shards already complete, resuming", split, len(finished), len(split_plan.shards))
     jobs = [ShardJob(root, out, plan, full_decode) for plan in split_plan.shards if plan.name not in finished]

@@ -19,7 +19,7 @@ import json
 import random
 from collections.abc import Iterable, Iterator
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyarrow.parquet as pq
 import webdataset as wds
@@ -54,32 +54,55 @@ def split_shards(shards: Location, split: str) -> dict[str, int]:
     return counts
 
 
+class ShardSlice(NamedTuple):
+    """Pairs ``[start, stop)`` of a shard, counted in the shard's pair order (the index order)."""
+
+    name: str
+    start: int
+    stop: int
+
+
 def pair_dataset(
     shards: Location,
-    names: Iterable[str],
+    names: Iterable[str | ShardSlice],
     *,
     shuffle_buffer: int = 0,
     seed: int = 0,
     epoch: int = 0,
     resampled: bool = False,
+    split_nodes: bool = True,
 ) -> wds.DataPipeline:
-    """A pipeline yielding every pair of the shards ``names`` (relative to ``shards``).
+    """A pipeline yielding every pair of the shards ``names`` (relative to ``shards``); a
+    :class:`ShardSlice` entry yields only that run of the shard's pairs (images the run does not
+    use are never decoded).
 
-    ``shuffle_buffer=0`` keeps the index order (evaluation); otherwise shard order is shuffled
+    ``shuffle_buffer=0`` keeps the given order (evaluation); otherwise shard order is shuffled
     with ``seed + epoch`` (identically on every rank, before splitting, so ranks stay disjoint)
-    and pairs are shuffled within a buffer of that many samples. ``resampled=True`` draws
-    shards with replacement forever (bound it with ``.with_epoch(n)``)."""
-    urls = [shards.full(name) for name in names]
+    and pairs are shuffled within a buffer of that many samples. ``split_nodes=False`` reads all
+    of ``names`` on every rank (for a caller that already planned each rank's share); DataLoader
+    workers always split them. ``resampled=True`` draws shards with replacement forever (bound it
+    with ``.with_epoch(n)``)."""
+    entries = list(names)
+    urls = [shards.full(entry.name if isinstance(entry, ShardSlice) else entry) for entry in entries]
     if not urls:
         raise ValueError(f"{shards.url}: no shards to read")
+    if len(set(urls)) != len(urls):
+        raise ValueError(f"{shards.url}: a shard is listed more than once in {entries}")
+    ranges = {url: (entry.start, entry.stop) for url, entry in zip(urls, entries) if isinstance(entry, ShardSlice)}
     if resampled:
         stages: list[Any] = [wds.ResampledShards(urls, seed=seed + epoch)]
     else:
         order_seed = seed + epoch if shuffle_buffer else None
-        stages = [wds.SimpleShardList(urls, seed=order_seed), wds.split_by_node, wds.split_by_worker]
+        stages = [wds.SimpleShardList(urls, seed=order_seed)]
+        stages += [wds.split_by_node, wds.split_by_worker] if split_nodes else [wds.split_by_worker]
     # Stages are module-level functions (bound with partial) so that DataLoader workers started
     # with spawn or forkserver can unpickle the pipeline.
-    stages += [partial(open_shards, endpoint_url=shards.endpoint_url), shard_files, group_by_keys, assemble_pairs]
+    stages += [
+        partial(open_shards, endpoint_url=shards.endpoint_url),
+        shard_files,
+        group_by_keys,
+        partial(assemble_pairs, ranges=ranges),
+    ]
     if shuffle_buffer:
         stages.append(partial(shuffle_pairs, buffer_size=shuffle_buffer, seed=seed + epoch))
     return wds.DataPipeline(*stages)
@@ -108,12 +131,16 @@ def shard_files(sources: Iterable[dict]) -> Iterator[dict]:
             source["stream"].close()
 
 
-def assemble_pairs(samples: Iterable[dict]) -> Iterator[PairSample]:
+def assemble_pairs(samples: Iterable[dict], ranges: dict[str, tuple[int, int]] | None = None) -> Iterator[PairSample]:
     """Grouped tar samples -> complete pairs, one shard at a time. Each image is decoded once,
-    when first needed, and dropped from the cache after the last pair that uses it."""
+    when first needed, and dropped from the cache after the last pair that uses it. ``ranges``
+    keeps only pairs ``[start, stop)`` of the shards it names (by URL)."""
+    ranges = ranges or {}
     current_url, images, pairs = None, {}, []
     for sample in samples:
         if sample["__url__"] != current_url:
+            if current_url in ranges:
+                pairs = _slice_pairs(current_url, pairs, *ranges[current_url])
             yield from _shard_pairs(current_url, images, pairs)
             current_url, images, pairs = sample["__url__"], {}, []
         if "pair.json" in sample:
@@ -123,7 +150,15 @@ def assemble_pairs(samples: Iterable[dict]) -> Iterator[PairSample]:
         if ext is None or "json" not in sample:
             raise ValueError(f"corrupt shard {current_url}: entry {sample['__key__']!r} has {sorted(sample)}")
         images[sample["__key__"]] = (sample[ext], json.loads(sample["json"]))
+    if current_url in ranges:
+        pairs = _slice_pairs(current_url, pairs, *ranges[current_url])
     yield from _shard_pairs(current_url, images, pairs)
+
+
+def _slice_pairs(url: str, pairs: list[dict], start: int, stop: int) -> list[dict]:
+    if not 0 <= start <= stop <= len(pairs):
+        raise ValueError(f"shard {url} has {len(pairs)} pairs; cannot take pairs [{start}, {stop})")
+    return pairs[start:stop]
 
 
 def _shard_pairs(url: str | None, images: dict[str, tuple[bytes, dict]], pairs: list[dict]) -> Iterator[PairSample]:

@@ -99,3 +99,41 @@ def demo_shards(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     out = tmp_path_factory.mktemp("demo-shards")
     shard_dataset("demo", Location(str(demo_root)), Location(str(out)), max_shard_bytes=60_000)
     return out
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One local Ray cluster for the whole session, started and stopped by the ``infra/local``
+    scripts (a head with the dashboard, so ``ray job submit`` and Tune work), with this process
+    connected to it. Yields the job server address ``http://127.0.0.1:<port>``."""
+    import ray
+
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_NUM_CPUS": "4",
+        "RAY_PORT": str(_free_port()),
+        "RAY_DASHBOARD_PORT": str(_free_port()),
+        "RAY_BIN": str(Path(sys.executable).parent / "ray"),
+        # Job drivers and workers find this environment's python first.
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    started = subprocess.run(
+        ["bash", str(REPO_ROOT / "infra/local/start.sh")], env=env, capture_output=True, text=True, timeout=300
+    )
+    if started.returncode != 0:
+        raise RuntimeError(f"infra/local/start.sh failed:\n{started.stderr}")
+    address = started.stdout.strip().splitlines()[-1]
+    ray.init(address=f"127.0.0.1:{env['RAY_PORT']}", logging_level="WARNING")
+    try:
+        yield address
+    finally:
+        ray.shutdown()
+        subprocess.run(["bash", str(REPO_ROOT / "infra/local/stop.sh")], env=env, capture_output=True, timeout=120)

@@ -1,5 +1,5 @@
 """Image encoders for SimpleMatch, built from timm: DINOv2 ViTs (patch 14, with or without 4
-register tokens), iBOT ViT-B/16 and ResNet-101, with their weights (random, timm hub or a local
+register tokens), iBOT ViT-B/16 and ResNet-101 (plus ResNet-18/50 for CPU demos), with their weights (random, timm hub or a local
 file) and fine-tuning mode (frozen, LoRA, last N blocks, full).
 
 A :class:`Backbone` maps ImageNet-normalised images [B, 3, H, W] to a list of feature maps, finest
@@ -69,6 +69,9 @@ BACKBONES: dict[str, BackboneSpec] = {
     "ibot_vitb16": BackboneSpec("vit_base_patch16_224", "vit", (16,), (768,), "ibot", None),
     # The official code starts from torchvision's ImageNet weights, which timm serves as tv_in1k.
     "resnet101": BackboneSpec("resnet101", "resnet", (4, 8, 16, 32), (256, 512, 1024, 2048), "resnet", "tv_in1k"),
+    # Smaller ResNets for CPU demos and quick ablations (not in the paper).
+    "resnet50": BackboneSpec("resnet50", "resnet", (4, 8, 16, 32), (256, 512, 1024, 2048), "resnet", "tv_in1k"),
+    "resnet18": BackboneSpec("resnet18", "resnet", (4, 8, 16, 32), (64, 128, 256, 512), "resnet", "tv_in1k"),
 }
 
 _RESNET_STAGES = ("layer1", "layer2", "layer3", "layer4")

@@ -1,0 +1,104 @@
+"""Training configuration: every shipped YAML loads, unknown keys and bad values are rejected with
+a message naming the file and key, overrides and YAML round trips."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sm_train.config import ConfigError, TrainConfig, config_keys, dump_yaml, load_config
+from sm_train.model import SimpleMatch
+from sm_train.trainer import resolve_paths, storage_location
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_shipped_configs_load_and_round_trip(path: Path, tmp_path: Path) -> None:
+    config = load_config(path)
+    copy = tmp_path / "copy.yaml"
+    copy.write_text(dump_yaml(config))
+    assert load_config(copy) == config
+
+
+def test_paper_settings_are_shipped() -> None:
+    names = {p.stem for p in CONFIGS}
+    for expected in (
+        "demo",
+        "dinov2_vitb14_252_spair",
+        "dinov2_vitb14_448_spair",
+        "dinov2_vitb14_252_pfpascal",
+        "dinov2_vitb14_448_pfpascal",
+        "dinov2_vitb14_448_ap10k",
+        "ibot_vitb16_256_spair",
+        "resnet101_256_spair",
+    ):
+        assert expected in names
+    spair = load_config(CONFIGS[[p.stem for p in CONFIGS].index("dinov2_vitb14_252_spair")])
+    assert (spair.optim.lr, spair.optim.lr_step_iterations, spair.optim.lr_gamma) == (6e-4, 800, 0.95)
+    assert (spair.train.batch_size, spair.train.epochs, spair.model.window_size) == (8, 10, 45)
+
+
+def test_unknown_key_names_file_key_and_suggestion(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("optim:\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: unknown key 'optim\.learning_rate'.*optim accepts"):
+        load_config(path)
+    path.write_text("model:\n  image_sise: 252\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'model\.image_sise' \(did you mean 'image_size'\?\)"):
+        load_config(path)
+    path.write_text("modle:\n  image_size: 252\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'modle'"):
+        load_config(path)
+
+
+def test_bad_values_are_rejected_with_the_key(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    for text, message in [
+        ("train:\n  batch_size: eight\n", r"train\.batch_size must be an integer"),
+        ("train:\n  precision: fp8\n", r"train\.precision='fp8' is not one of"),
+        ("optim:\n  lr: fast\n", r"optim\.lr must be a number"),
+        ("model:\n  scale_weights: [1, 1]\n", r"model\.scale_weights must have 3 items"),
+        ("augment:\n  crop_p: 1.5\n", r"augment: crop_p must be a probability"),
+        ("- just\n- a list\n", r"expected a mapping of sections"),
+    ]:
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            load_config(path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_overrides_parse_yaml_values() -> None:
+    config = load_config(None, ["model.image_size=448", "optim.lr=1e-4", "optim.grad_clip_norm=null", "run.use_gpu=true"])
+    assert config.model.image_size == 448
+    assert config.optim.lr == pytest.approx(1e-4)  # "1e-4" is a string in YAML 1.1: coerced
+    assert config.optim.grad_clip_norm is None and config.run.use_gpu is True
+    assert load_config(None, ["train.val_alphas=[0.05, 0.1]"]).train.val_alphas == (0.05, 0.1)
+    with pytest.raises(ConfigError, match="not of the form"):
+        load_config(None, ["model.image_size"])
+    with pytest.raises(ConfigError, match="with overrides optim.lrr=1: unknown key 'optim.lrr'.*did you mean 'lr'"):
+        load_config(None, ["optim.lrr=1"])
+
+
+def test_config_keys_lists_every_leaf() -> None:
+    keys = config_keys()
+    assert {"model.image_size", "optim.lr", "augment.crop_p", "run.num_workers", "train.epochs"} <= set(keys)
+    assert not any(key in {"model", "optim"} for key in keys)
+    assert TrainConfig() == load_config(None)
+
+
+def test_paths_and_storage(tmp_path: Path) -> None:
+    config = resolve_paths(load_config(None, ["data.shards=rel/shards", "run.storage_path=s3://bucket/runs"]), tmp_path)
+    assert config.data.shards == str(tmp_path / "rel/shards")
+    assert config.run.storage_path == "s3://bucket/runs"
+    assert storage_location("s3://bucket/runs", None) == ("s3://bucket/runs", None)
+    path, filesystem = storage_location("s3://bucket/runs", "http://127.0.0.1:9000")
+    assert path == "bucket/runs" and filesystem is not None
+
+
+def test_demo_config_builds_a_model() -> None:
+    config = load_config(Path(__file__).resolve().parents[1] / "configs/demo.yaml")
+    model = SimpleMatch(config.model)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) > 0

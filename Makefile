@@ -1,11 +1,12 @@
 # make demo: set up .venv (first time only) and run the main job end to end on the bundled demo data.
 # make test: set up .venv (first time only) and run the test suite.
+# make cluster-up / cluster-down: a one-machine Ray cluster (infra/local) whose jobs run .venv's python.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_DATA ?= data/demo
 DEMO_SHARDS ?= data/demo-shards
 
-.PHONY: venv test demo bench clean-demo
+.PHONY: venv test demo bench clean-demo cluster-up cluster-down
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -28,3 +29,9 @@ bench: venv
 
 clean-demo:
 	rm -rf $(DEMO_DATA) $(DEMO_SHARDS)
+
+cluster-up: venv
+	RAY_BIN="$(abspath $(VENV))/bin/ray" bash infra/local/start.sh
+
+cluster-down:
+	RAY_BIN="$(abspath $(VENV))/bin/ray" bash infra/local/stop.sh

@@ -21,7 +21,8 @@ val PCK@0.1 by epoch. Results go to ``run.storage_path/<--name>`` (local or ``s3
 same command again resumes an interrupted sweep (``Tuner.restore``). At the end ``--out`` gets
 ``results.parquet`` and ``results.md`` (one row per trial: its values, best val PCK@0.1, epochs
 run), ``best_config.yaml`` (the base config with the best trial's values, ready for
-``python -m sm_train --config``) and ``pck_vs_<key>.png`` plots.
+``python -m sm_train --config``) and ``pck_vs_<key>.png`` plots; with ``s3://`` storage they are
+also copied to ``<run.storage_path>/<name>/results``.
 """
 
 from __future__ import annotations
@@ -215,6 +216,19 @@ def summarize_results(results, base: TrainConfig, spec: SweepSpec, out: Path) ->
     return best.to_dict()
 
 
+def publish_results(out: Path, base: TrainConfig, name: str) -> str:
+    """Copy the results folder to ``<run.storage_path>/<name>/results`` on remote storage (a
+    submitted job's working directory is temporary); returns where they went."""
+    import pyarrow.fs
+
+    storage_path, filesystem = storage_location(base.run.storage_path, base.run.storage_endpoint_url)
+    if filesystem is None:
+        filesystem, storage_path = pyarrow.fs.FileSystem.from_uri(storage_path)
+    destination = f"{storage_path.rstrip('/')}/{name}/results"
+    pyarrow.fs.copy_files(str(out.resolve()), destination, destination_filesystem=filesystem)
+    return f"{base.run.storage_path.rstrip('/')}/{name}/results"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m sm_train.tune",
@@ -249,6 +263,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out or (Path(base.run.storage_path) / name if local else Path("sweeps-out") / name)
     best = summarize_results(results, base, spec, out)
     print(f"best trial {best['trial']}: val PCK@0.1 {best['best_pck@0.1']:.4f}; results in {out}")
+    if not local:
+        print(f"and in {publish_results(out, base, name)}")
     print(f"train it: python -m sm_train --config {out / 'best_config.yaml'}")
     return 0
 

@@ -88,3 +88,14 @@ def test_sweep_with_asha_results_and_best_config(ray_cluster: str, demo_shards: 
     best_config = load_config(out / "best_config.yaml", ["train.epochs=1", "train.max_steps_per_epoch=1", f"run.storage_path={tmp_path / 'again'}"])
     assert best_config.model.beta == 0.02
     assert build_trainer(best_config).fit().metrics["epoch"] == 1
+
+
+def test_results_are_published_to_remote_storage(s3_endpoint: str, s3_bucket: str, tmp_path: Path) -> None:
+    from pipelines.storage import Location
+    from sm_train.tune import publish_results
+
+    (tmp_path / "results.md").write_text("| trial |\n")
+    base = load_config(None, [f"run.storage_path={s3_bucket}/runs", f"run.storage_endpoint_url={s3_endpoint}"])
+    where = publish_results(tmp_path, base, "sweep")
+    assert where == f"{s3_bucket}/runs/sweep/results"
+    assert Location(where, s3_endpoint).read_text("results.md") == "| trial |\n"

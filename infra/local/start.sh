@@ -8,6 +8,8 @@ set -euo pipefail
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"
 here="$(cd "$(dirname "$0")/../.." && pwd)"
 ray_bin="${RAY_BIN:-$(command -v ray || echo "$here/.venv/bin/ray")}"
+# Job drivers inherit the head's PATH: let their `python` be the one that has this project.
+export PATH="$(dirname "$ray_bin"):$PATH"
 port="${RAY_PORT:-6379}"
 dashboard_port="${RAY_DASHBOARD_PORT:-8265}"
 args=(--head --port="$port" --dashboard-host=127.0.0.1 --dashboard-port="$dashboard_port" --disable-usage-stats)

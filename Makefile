@@ -5,6 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_DATA ?= data/demo
 DEMO_SHARDS ?= data/demo-shards
+DEMO_RUNS ?= runs
 
 .PHONY: venv test demo bench clean-demo cluster-up cluster-down
 
@@ -19,13 +20,23 @@ venv: $(VENV)/.installed
 test: venv
 	$(PY) -m pytest -q
 
+# The demo trains afresh each time (its run directory is replaced), prints val PCK@0.1 before and
+# after training, then evaluates the best checkpoint on the test split.
 demo: venv
 	$(PY) -m pipelines.shard demo --root $(DEMO_DATA) --out $(DEMO_SHARDS) --workers 2
 	$(PY) -m pipelines.inspect $(DEMO_SHARDS) --split val --out $(DEMO_SHARDS)/preview-val.png
+	rm -rf $(DEMO_RUNS)/demo $(DEMO_RUNS)/demo-eval
+	mkdir -p $(DEMO_RUNS)
+	RAY_AUTH_MODE=disabled $(PY) -m sm_train --config configs/demo.yaml data.shards=$(DEMO_SHARDS) \
+		run.storage_path=$(DEMO_RUNS) --result-json $(DEMO_RUNS)/demo-result.json
+	$(PY) -m sm_eval --checkpoint "$$($(PY) -c 'import json, sys; print(json.load(open(sys.argv[1]))["best_checkpoint"])' $(DEMO_RUNS)/demo-result.json)" \
+		--shards $(DEMO_SHARDS) --split test --out $(DEMO_RUNS)/demo-eval --matches 6
 
 bench: venv
 	$(PY) benchmarks/bench_shard.py
 	$(PY) benchmarks/bench_model.py
+	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_eval.py
 
 clean-demo:
 	rm -rf $(DEMO_DATA) $(DEMO_SHARDS)

@@ -5,7 +5,7 @@ the same data, side by side in one run.
 
 Both run the same :func:`sm_train.loop.train_step` (augmentation on the device, forward, loss,
 backward, optimizer and LR schedule) over the same planned epoch of the same shards, with the
-same loader processes; the rate is training pairs per second from the start of the epoch's data
+same loader processes and CPU threads; the rate is training pairs per second from the start of the epoch's data
 stream to its last step, so model building and Ray's start-up are not counted in either. The
 Ray figure is the ``train/pairs_per_s`` the loop reports. Goal: Ray / plain at least 0.9.
 
@@ -46,8 +46,10 @@ def make_shards(directory: Path, pairs: int) -> Path:
 
 
 def plain_rate(config: TrainConfig, steps: int) -> float:
-    """Pairs/s of the same steps in this process, with no Ray and no DDP."""
+    """Pairs/s of the same steps in this process, with no Ray and no DDP, on as many CPU threads
+    as a Ray worker gets (Ray sets ``OMP_NUM_THREADS`` to the worker's CPUs)."""
     device = torch.device("cuda" if config.run.use_gpu else "cpu")
+    torch.set_num_threads(max(1, int(config.run.cpus_per_worker)))
     torch.manual_seed(config.train.seed)
     model = SimpleMatch(config.model).to(device)
     optimizer = build_optimizer(config.optim, [p for p in model.parameters() if p.requires_grad])
@@ -79,7 +81,8 @@ def ray_rate(config: TrainConfig) -> float:
     import ray
 
     if not ray.is_initialized():
-        ray.init(logging_level=logging.WARNING)
+        # No dashboard: its agents would take a share of a small machine from the one worker.
+        ray.init(include_dashboard=False, logging_level=logging.WARNING)
     result = build_trainer(config).fit()
     return float(result.metrics["train/pairs_per_s"])
 

@@ -1,1 +1,17 @@
-"""Distributed PCK evaluation and reports; consumes ``pipelines.reader`` and ``sm_train``'s model."""
+"""Distributed PCK evaluation and reports; consumes ``pipelines.reader`` and ``sm_train``'s model.
+
+=================  ====================================================================
+``pck``            the PCK protocol, the only place it lives (training validation uses it)
+``predict``        model predictions as per-keypoint records; per-shard evaluation batches
+``plan``           a split's pairs in index order, whole shards per worker, canonical order
+``checkpoints``    checkpoint files or ``model.pt`` directories, local or S3; model names
+``runner``         prediction in this process or on Ray workers, identical to the last bit
+``report``         ``report.json`` / ``report.md`` content and the predictions table
+``figures``        the PCK curve and match pictures (PIL)
+``evaluate``       one evaluation end to end: plan, predict, aggregate, write ``--out``
+``__main__``       the ``python -m sm_eval`` command line
+=================  ====================================================================
+
+Submodules are imported where used (this package imports nothing), so DataLoader processes that
+unpickle :mod:`sm_eval.predict` stages do not pay for Ray or the report code.
+"""

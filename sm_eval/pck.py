@@ -47,6 +47,23 @@ def to_resized_square(points: np.ndarray, size_wh: tuple[int, int], square: int)
     return (np.asarray(points, dtype=np.float64) + 0.5) * scale - 0.5
 
 
+def from_resized_square(points: np.ndarray, size_wh: tuple[int, int], square: int) -> np.ndarray:
+    """Inverse of :func:`to_resized_square`: ``(..., 2)`` points of the ``square x square`` frame
+    back to the ``(W, H)`` image, ``x = (x' + 0.5) * W / S - 0.5``. Returns ``(..., 2)`` float64."""
+    scale = np.array([size_wh[0] / square, size_wh[1] / square], dtype=np.float64)
+    return (np.asarray(points, dtype=np.float64) + 0.5) * scale - 0.5
+
+
+def frame_square(frame: str) -> int | None:
+    """The side ``S`` of a record frame name (``"resized-<S>"``), ``None`` for ``"original"``."""
+    if frame == "original":
+        return None
+    prefix, _, side = frame.partition("-")
+    if prefix != "resized" or not side.isdigit():
+        raise ValueError(f"unknown record frame {frame!r}; expected 'original' or 'resized-<S>'")
+    return int(side)
+
+
 def _max_side(lo: np.ndarray, hi: np.ndarray) -> float:
     return float(np.max(hi - lo))
 

@@ -120,6 +120,9 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "RAY_NUM_CPUS": "4",
         "RAY_PORT": str(_free_port()),
         "RAY_DASHBOARD_PORT": str(_free_port()),
+        "RAY_DASHBOARD_AGENT_LISTEN_PORT": str(_free_port()),
+        # A temp dir of its own: stop.sh then stops this cluster only, not other Ray on the machine.
+        "RAY_TEMP_DIR": f"/tmp/ray-test-{os.getpid()}",
         "RAY_BIN": str(Path(sys.executable).parent / "ray"),
         # Job drivers and workers find this environment's python first.
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",

@@ -2,7 +2,9 @@
 # Start a one-machine Ray cluster (head node with the dashboard, so `ray job submit` works) and
 # wait until its job server answers. Settings through the environment:
 #   RAY_NUM_CPUS (default: all cores)  RAY_NUM_GPUS (default: detected)  RAY_PORT (6379)
-#   RAY_DASHBOARD_PORT (8265)  RAY_AUTH_MODE (disabled: use the same value for `ray job submit`)
+#   RAY_DASHBOARD_PORT (8265)  RAY_DASHBOARD_AGENT_LISTEN_PORT (52365)
+#   RAY_TEMP_DIR (default: Ray's /tmp/ray; a cluster of its own here is stopped alone by stop.sh)
+#   RAY_AUTH_MODE (disabled: use the same value for `ray job submit`)
 #   RAY_BIN (default: ray on PATH, else .venv/bin/ray)
 set -euo pipefail
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"
@@ -13,6 +15,8 @@ export PATH="$(dirname "$ray_bin"):$PATH"
 port="${RAY_PORT:-6379}"
 dashboard_port="${RAY_DASHBOARD_PORT:-8265}"
 args=(--head --port="$port" --dashboard-host=127.0.0.1 --dashboard-port="$dashboard_port" --disable-usage-stats)
+args+=(--dashboard-agent-listen-port="${RAY_DASHBOARD_AGENT_LISTEN_PORT:-52365}")
+[[ -n "${RAY_TEMP_DIR:-}" ]] && args+=(--temp-dir="$RAY_TEMP_DIR")
 [[ -n "${RAY_NUM_CPUS:-}" ]] && args+=(--num-cpus="$RAY_NUM_CPUS")
 [[ -n "${RAY_NUM_GPUS:-}" ]] && args+=(--num-gpus="$RAY_NUM_GPUS")
 "$ray_bin" start "${args[@]}" >&2

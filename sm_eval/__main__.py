@@ -1,0 +1,210 @@
+"""``python -m sm_eval``: PCK of one or more SimpleMatch checkpoints on a split of a shard set.
+
+    python -m sm_eval --checkpoint runs/spair/checkpoint_000010 --shards s3://bucket/spair-shards \\
+        --split test --workers 4 --out eval/spair-test
+
+``--workers 0`` (the default) predicts in this process without Ray; ``--workers N`` starts or joins
+a Ray cluster (``--ray-address``, or ``RAY_ADDRESS`` as ``ray job submit`` sets it; else a local
+one) and predicts on N workers, each over its own whole shards, with results identical to the
+single process to the last bit. Outputs: see :mod:`sm_eval.evaluate`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from sm_eval.evaluate import DEFAULT_ALPHAS, EvalRequest, evaluate
+from sm_eval.pck import RULES
+from sm_eval.report import AVERAGE_LABELS, AVERAGES, percent
+from sm_eval.runner import DTYPES, EvalSettings
+
+log = logging.getLogger("sm_eval")
+
+EPILOG = """\
+outputs in --out:
+  predictions.parquet  per-keypoint records (pair_key, kp_id, category, pred_x/y, gt_x/y,
+                       threshold_base, frame, SPair flags; a model column with several checkpoints)
+  report.json          every number: overall / per category / per flag, per image and per keypoint
+  report.md            per-category table at alpha 0.1, alpha table, per-flag table, protocol
+  pck_curve.png        PCK against alpha (a line per category, or per model with several)
+  matches/*.png        --matches sample pairs: green lines correct at alpha 0.1, red wrong
+
+protocol: correct when ||pred - gt|| <= alpha * base (--rule '<' for the strict variant); base
+from the target: bbox (SPair, AP-10K), img (PF-PASCAL), bbox-kp (PF-WILLOW, real keypoints only);
+original-image pixels unless --frame resized. AP-10K: --split test, test_cross_species or
+test_cross_family. A checkpoint trained on one dataset evaluates on another's shards as is.
+
+exit status: 0 done, 1 the data or a checkpoint is unusable (the message names the file), 2 usage."""
+
+
+def parse_alphas(text: str) -> tuple[float, ...]:
+    """``"0.01,0.05,0.1"`` -> ``(0.01, 0.05, 0.1)``; each must be a positive number, no repeats."""
+    try:
+        alphas = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"alphas must be comma-separated numbers, got {text!r}") from None
+    if not alphas or any(a <= 0 for a in alphas) or len(set(alphas)) != len(alphas):
+        raise argparse.ArgumentTypeError(f"alphas must be distinct positive numbers, got {text!r}")
+    return alphas
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m sm_eval",
+        description="PCK of one or more SimpleMatch checkpoints on a split of a shard set.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    what = parser.add_argument_group("what to evaluate")
+    what.add_argument(
+        "--checkpoint", action="append", required=True, metavar="PATH_OR_S3",
+        help="a save_checkpoint file, or a (Ray Train) checkpoint directory holding model.pt; local or "
+        "s3://. Repeat to compare models on the same pairs",
+    )  # fmt: skip
+    what.add_argument(
+        "--shards", required=True, metavar="DIR_OR_S3", help="a shard directory written by pipelines.shard"
+    )
+    what.add_argument("--split", default="test", help="split to evaluate (default: %(default)s)")
+    what.add_argument("--s3-endpoint-url", metavar="URL", help="S3-compatible endpoint (else AWS_ENDPOINT_URL or AWS)")
+
+    protocol = parser.add_argument_group("protocol")
+    protocol.add_argument(
+        "--alphas", type=parse_alphas, default=DEFAULT_ALPHAS, metavar="A,B,...",
+        help=f"PCK thresholds as fractions of the base (default: {','.join(map(str, DEFAULT_ALPHAS))})",
+    )  # fmt: skip
+    protocol.add_argument("--rule", choices=RULES, default="<=", help="hit rule: '<=' (default) or strict '<'")
+    protocol.add_argument(
+        "--frame", choices=("original", "resized"), default="original",
+        help="measure in original-image pixels (default) or in the resized S x S input, as older papers did",
+    )  # fmt: skip
+
+    compute = parser.add_argument_group("compute")
+    compute.add_argument(
+        "--workers", type=_count, default=0, metavar="N",
+        help="0: predict in this process without Ray (default); N: on N Ray workers, each over whole shards",
+    )  # fmt: skip
+    compute.add_argument(
+        "--gpus-per-worker", type=float, metavar="G",
+        help="GPUs per Ray worker (default: 1 when the cluster has GPUs, else 0)",
+    )  # fmt: skip
+    compute.add_argument(
+        "--cpus-per-worker", type=float, metavar="C", help="CPUs Ray reserves per worker (default: --threads)"
+    )
+    compute.add_argument(
+        "--ray-address", metavar="ADDR",
+        help="Ray cluster to join (default: RAY_ADDRESS, else the latest one started on this machine, else a new one)",
+    )  # fmt: skip
+    compute.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto",
+        help="device with --workers 0 (default: cuda when available); Ray workers use cuda when given GPUs",
+    )  # fmt: skip
+    compute.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="autocast dtype (default: float32)")
+    compute.add_argument(
+        "--batch-size", type=_positive_int, default=8, metavar="B", help="pairs per batch (default: %(default)s)"
+    )
+    compute.add_argument(
+        "--image-size", type=_positive_int, metavar="S",
+        help="network input side (default: the checkpoint's; a multiple of the patch size for ViTs)",
+    )  # fmt: skip
+    compute.add_argument(
+        "--loader-workers", type=_count, default=2, metavar="P",
+        help="decoding processes per worker (default: %(default)s; 0 decodes in the worker itself)",
+    )  # fmt: skip
+    compute.add_argument(
+        "--threads", type=_positive_int, default=4, metavar="T",
+        help="torch CPU threads in every worker and in this process (default: %(default)s); keep it fixed "
+        "to get bit-identical results for any --workers",
+    )  # fmt: skip
+
+    output = parser.add_argument_group("output")
+    output.add_argument(
+        "--out", default="eval-out", metavar="DIR_OR_S3", help="output directory (default: %(default)s)"
+    )
+    output.add_argument(
+        "--matches", type=_count, default=8, metavar="K", help="pairs drawn into matches/ (default: %(default)s)"
+    )
+    output.add_argument("--no-progress", action="store_true", help="no progress bar")
+    output.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    return parser
+
+
+def request_from_args(args: argparse.Namespace) -> EvalRequest:
+    settings = EvalSettings(
+        batch_size=args.batch_size,
+        loader_workers=args.loader_workers,
+        threads=args.threads,
+        dtype=args.dtype,
+        frame=args.frame,
+        image_size=args.image_size,
+    )
+    return EvalRequest(
+        checkpoints=tuple(args.checkpoint),
+        shards=args.shards,
+        out=args.out,
+        split=args.split,
+        alphas=args.alphas,
+        rule=args.rule,
+        settings=settings,
+        device=args.device,
+        workers=args.workers,
+        gpus_per_worker=args.gpus_per_worker,
+        cpus_per_worker=args.cpus_per_worker,
+        matches=args.matches,
+        endpoint_url=args.s3_endpoint_url,
+        progress=not args.no_progress,
+    )
+
+
+def summary_lines(report: dict) -> list[str]:
+    """The overall PCK of each model at each alpha, as printed at the end of a run."""
+    alphas = report["alphas"]
+    lines = [f"{'model':<24} {'average':<13} " + " ".join(f"{'PCK@' + format(a, 'g'):>9}" for a in alphas)]
+    for model in report["models"]:
+        for average in AVERAGES:
+            values = " ".join(f"{percent(v):>9}" for v in model["results"]["overall"][average])
+            lines.append(f"{model['name']:<24} {AVERAGE_LABELS[average]:<13} {values}")
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        request = request_from_args(args)
+    except ValueError as error:
+        parser.error(str(error))
+    try:
+        if request.workers > 0:
+            import ray
+
+            ray.init(address=args.ray_address, log_to_driver=True)
+        report = evaluate(request)
+    except (FileNotFoundError, ValueError, RuntimeError) as error:
+        log.error("%s", error)
+        print(f"sm_eval: error: {error}", file=sys.stderr)
+        return 1
+    print("\n".join(summary_lines(report)))
+    print(f"protocol: {report['protocol']['correct_when']}, {report['protocol']['frame']} frame; outputs in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,288 @@
+"""One evaluation end to end: plan the split, predict with each checkpoint (in this process or on
+Ray workers), aggregate, and write the outputs.
+
+``--out`` (a local directory or ``s3://`` prefix) receives
+
+=======================  ==================================================================
+``predictions.parquet``  per-keypoint records in index order (a ``model`` column first when
+                         several checkpoints are compared): anyone can recompute any metric
+``report.json``          every number (overall, per category, per flag; per image and per
+                         keypoint), the protocol, the data, the checkpoints, the run; written last
+``report.md``            the per-category table, the alpha table, the per-flag table
+``pck_curve.png``        PCK against alpha: a line per category, or per model when several
+``matches/*.png``        a sample of pairs with their predicted matches
+=======================  ==================================================================
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from pipelines.reader import pair_dataset
+from pipelines.schema import PairSample
+from pipelines.storage import Location
+from sm_eval import figures
+from sm_eval.checkpoints import Checkpoint, read_checkpoints
+from sm_eval.pck import RULES, KeypointRecords, frame_square, from_resized_square, keypoint_hits
+from sm_eval.plan import SplitPlan, read_split_plan, sample_pairs
+from sm_eval.report import (
+    build_report,
+    model_results,
+    predictions_table,
+    protocol_statement,
+    render_markdown,
+    table_alpha,
+)
+from sm_eval.runner import EvalSettings, predict_split
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ALPHAS = (0.01, 0.05, 0.1, 0.15)
+PREDICTIONS = "predictions.parquet"
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+PCK_CURVE = "pck_curve.png"
+MATCHES_DIR = "matches"
+
+
+@dataclass(frozen=True)
+class EvalRequest:
+    """Everything one evaluation needs. ``checkpoints``: files or directories holding
+    ``model.pt`` (local or ``s3://``); ``shards``: a shard directory (local or ``s3://``);
+    ``workers``: 0 for this process, N for N Ray workers (Ray initialised by the caller);
+    ``gpus_per_worker``: ``None`` means 1 when the Ray cluster has GPUs, else 0; ``device``
+    (this process only): ``auto``, ``cpu`` or ``cuda``; ``matches``: how many pairs to draw."""
+
+    checkpoints: tuple[str, ...]
+    shards: str
+    out: str
+    split: str = "test"
+    alphas: tuple[float, ...] = DEFAULT_ALPHAS
+    rule: str = "<="
+    settings: EvalSettings = field(default_factory=EvalSettings)
+    device: str = "auto"
+    workers: int = 0
+    gpus_per_worker: float | None = None
+    cpus_per_worker: float | None = None
+    matches: int = 8
+    endpoint_url: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.checkpoints:
+            raise ValueError("at least one checkpoint is needed")
+        if not self.alphas or any(not 0 < a for a in self.alphas) or len(set(self.alphas)) != len(self.alphas):
+            raise ValueError(f"alphas must be distinct and positive, got {list(self.alphas)}")
+        if self.rule not in RULES:
+            raise ValueError(f"unknown rule {self.rule!r}; expected one of {RULES}")
+        if self.workers < 0 or self.matches < 0:
+            raise ValueError(f"workers ({self.workers}) and matches ({self.matches}) must not be negative")
+
+
+def evaluate(request: EvalRequest) -> dict[str, Any]:
+    """Run ``request`` and write its outputs; returns the ``report.json`` document."""
+    shards = Location(request.shards, request.endpoint_url)
+    out = Location(request.out, request.endpoint_url)
+    plan = read_split_plan(shards, request.split)
+    log.info(
+        "%s split %s: %d pairs in %d shards, datasets %s",
+        shards.url,
+        plan.split,
+        plan.num_pairs,
+        len(plan.shard_counts),
+        list(plan.datasets),
+    )
+    checkpoints = read_checkpoints(request.checkpoints, request.endpoint_url)
+    settings, gpus = _resolve_device(request)
+    records: dict[str, KeypointRecords] = {}
+    timings: dict[str, float] = {}
+    for checkpoint in checkpoints:
+        started = time.perf_counter()
+        records[checkpoint.name] = predict_split(
+            checkpoint,
+            plan,
+            settings,
+            workers=request.workers,
+            gpus_per_worker=gpus,
+            cpus_per_worker=request.cpus_per_worker,
+            progress=request.progress,
+        )
+        timings[checkpoint.name] = time.perf_counter() - started
+        log.info("%s: %d pairs in %.1f s", checkpoint.name, plan.num_pairs, timings[checkpoint.name])
+    match_files = _write_matches(out, plan, records, request)
+    report = _report(request, plan, checkpoints, records, timings, settings, gpus, match_files)
+    _write_outputs(out, records, report)
+    return report
+
+
+def _resolve_device(request: EvalRequest) -> tuple[EvalSettings, float]:
+    """The settings with a concrete device, and the GPUs per Ray worker."""
+    if request.workers > 0:
+        import ray
+
+        if not ray.is_initialized():
+            raise RuntimeError(f"workers={request.workers} needs Ray: call ray.init() first (or use workers=0)")
+        gpus = request.gpus_per_worker
+        if gpus is None:
+            gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        return replace(request.settings, device="cuda" if gpus > 0 else "cpu"), gpus
+    device = request.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device here")
+    return replace(request.settings, device=device), 0.0
+
+
+def _report(
+    request: EvalRequest,
+    plan: SplitPlan,
+    checkpoints: Sequence[Checkpoint],
+    records: Mapping[str, KeypointRecords],
+    timings: Mapping[str, float],
+    settings: EvalSettings,
+    gpus: float,
+    match_files: list[str],
+) -> dict[str, Any]:
+    first = next(iter(records.values()))
+    models = [
+        {
+            "name": checkpoint.name,
+            "checkpoint": checkpoint.path,
+            "source": checkpoint.source,
+            "config": checkpoint.config,
+            "image_size": settings.image_size or checkpoint.config["image_size"],
+            "seconds": round(timings[checkpoint.name], 3),
+            "pairs_per_second": round(plan.num_pairs / timings[checkpoint.name], 3),
+            "results": model_results(records[checkpoint.name], request.alphas, request.rule),
+        }
+        for checkpoint in checkpoints
+    ]
+    data = {
+        "shards": plan.shards.url,
+        "split": plan.split,
+        "datasets": list(plan.datasets),
+        "pairs": plan.num_pairs,
+        "keypoints": len(first),
+        "categories": sorted(set(plan.categories)),
+        "shards_read": len(plan.shard_counts),
+    }
+    run = {
+        "workers": request.workers,
+        "gpus_per_worker": gpus,
+        **{key: value for key, value in asdict(settings).items() if key != "frame"},
+    }
+    files = {"predictions": PREDICTIONS, "report_md": REPORT_MD, "pck_curve": PCK_CURVE, "matches": match_files}
+    protocol = protocol_statement(request.rule, settings.frame, plan.threshold_kinds, str(first.frame[0]))
+    return build_report(data=data, protocol=protocol, alphas=request.alphas, models=models, run=run, files=files)
+
+
+def _write_outputs(out: Location, records: Mapping[str, KeypointRecords], report: Mapping[str, Any]) -> None:
+    out.put_bytes(PREDICTIONS, _parquet_bytes(records))
+    out.put_bytes(PCK_CURVE, figures.png_bytes(_curve_image(report)))
+    out.put_bytes(REPORT_MD, render_markdown(report).encode())
+    out.put_bytes(REPORT_JSON, (json.dumps(report, indent=1) + "\n").encode())
+    log.info("wrote %s, %s, %s and %s in %s", PREDICTIONS, REPORT_JSON, REPORT_MD, PCK_CURVE, out.url)
+
+
+def _parquet_bytes(records: Mapping[str, KeypointRecords]) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(predictions_table(records), sink)
+    return sink.getvalue().to_pybytes()
+
+
+def _curve_image(report: Mapping[str, Any]):
+    models = report["models"]
+    curve_alphas = models[0]["results"]["curve"]["alphas"]
+    if len(models) > 1:
+        series = {model["name"]: model["results"]["curve"]["overall"]["per_image"] for model in models}
+        emphasised = None
+    else:
+        curve = models[0]["results"]["curve"]
+        series = {"all": curve["overall"]["per_image"]}
+        series |= {category: values["per_image"] for category, values in sorted(curve["per_category"].items())}
+        emphasised = "all"
+    data, protocol = report["data"], report["protocol"]
+    title = (
+        f"PCK per image vs alpha: {', '.join(data['datasets'])} {data['split']} "
+        f"({protocol['rule']}, {protocol['frame']} frame, {'/'.join(protocol['threshold_kinds'])} threshold)"
+    )
+    return figures.pck_curve_image(curve_alphas, series, title, emphasised=emphasised)
+
+
+# ---- match pictures ----------------------------------------------------------------------------
+
+
+def _write_matches(
+    out: Location, plan: SplitPlan, records: Mapping[str, KeypointRecords], request: EvalRequest
+) -> list[str]:
+    """Draw the sampled pairs for every model into ``matches/``; returns the written paths
+    (relative to ``out``). Stale pictures of an earlier run in ``matches/`` are removed first."""
+    for stale in out.list_files(MATCHES_DIR):
+        if stale.endswith(".png"):
+            out.remove(stale)
+    keys = sample_pairs(plan.pair_keys, plan.categories, request.matches)
+    if not keys:
+        return []
+    samples = read_pairs(plan, keys)
+    alpha = table_alpha(request.alphas)
+    written = []
+    for name, model_records in records.items():
+        rows = _rows_by_pair(model_records)
+        for rank, key in enumerate(keys):
+            prefix = f"{name}-" if len(records) > 1 else ""
+            path = f"{MATCHES_DIR}/{prefix}{rank:02d}-{key}.png"
+            picture = match_picture(samples[key], model_records.take(rows[key]), alpha, request.rule, name)
+            out.put_bytes(path, figures.png_bytes(picture))
+            written.append(path)
+    return written
+
+
+def read_pairs(plan: SplitPlan, keys: Sequence[str]) -> dict[str, PairSample]:
+    """The pairs ``keys`` of ``plan``, read from their shards (only the runs of pairs that cover
+    them are decoded). Raises ``ValueError`` when a shard lacks one of them."""
+    wanted = set(keys)
+    samples = pair_dataset(plan.shards, plan.slices_of(keys), split_nodes=False)
+    found = {sample.key: sample for sample in samples if sample.key in wanted}
+    missing = sorted(wanted - set(found))
+    if missing:
+        shards = [plan.shard_of[key] for key in missing[:3]]
+        raise ValueError(f"pairs {missing[:3]} are not where index.parquet puts them (shards {shards})")
+    return found
+
+
+def _rows_by_pair(records: KeypointRecords) -> dict[str, np.ndarray]:
+    keys = records.pair_key.astype(str)
+    order = np.argsort(keys, kind="stable")
+    unique, starts = np.unique(keys[order], return_index=True)
+    return {key: rows for key, rows in zip(unique.tolist(), np.split(order, starts[1:]))}
+
+
+def match_picture(sample: PairSample, records: KeypointRecords, alpha: float, rule: str, model: str):
+    """The match picture of one pair from its records (any frame): correctness as the report
+    counts it, positions drawn in original pixels."""
+    pred = np.stack([records.pred_x, records.pred_y], axis=1).astype(np.float64)
+    gt = np.stack([records.gt_x, records.gt_y], axis=1).astype(np.float64)
+    correct = keypoint_hits(pred, gt, records.threshold_base.astype(np.float64), [alpha], rule)[0]
+    square = frame_square(str(records.frame[0]))
+    if square is not None:
+        pred = from_resized_square(pred, sample.trg_size, square)
+    row_of = {int(kp_id): row for row, kp_id in enumerate(sample.kps_ids)}
+    rows = [row_of[int(kp_id)] for kp_id in records.kp_id]
+    caption = (
+        f"{model} | {sample.category} | {sample.key} | {int(correct.sum())}/{len(correct)} correct "
+        f"at alpha {alpha:g}"
+    )
+    return figures.matches_image(
+        sample.src_image, sample.trg_image, sample.src_kps[rows], pred, sample.trg_kps[rows], correct, caption
+    )

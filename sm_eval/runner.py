@@ -1,0 +1,211 @@
+"""Run a checkpoint over a split: in this process, or across Ray workers, with identical results.
+
+Each worker (:func:`worker_records`) loads the model from the checkpoint bytes, reads its whole
+shards, and yields per-keypoint records batch by batch, never averages. The driver
+(:func:`predict_split`) gathers them, checks that every shard yielded exactly the pairs the index
+lists, and puts the records into the index order. The result is the same to the last bit for any
+worker count because
+
+* a batch never spans two shards (:func:`sm_eval.predict.shard_batches`), so a pair is always
+  predicted in the same batch;
+* every worker and the single process use the same number of torch CPU threads
+  (``EvalSettings.threads``), the same device type and dtype;
+* records are sorted into index order before anything is written or averaged.
+
+(Different CPU or GPU models may still differ in the last bits; so may different library builds.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipelines.storage import Location
+from sm_eval.checkpoints import Checkpoint, load_model
+from sm_eval.pck import Frame, KeypointRecords
+from sm_eval.plan import SplitPlan, assign_shards, canonical_order, check_coverage
+from sm_eval.predict import batch_records, eval_batches
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How a worker predicts. ``image_size`` ``None`` keeps the checkpoint's; ``threads`` is the
+    torch CPU thread count in every worker and in the single process (keep it fixed across runs
+    you compare); ``device`` is ``"cpu"`` or ``"cuda"``; ``dtype`` a key of :data:`DTYPES`
+    (autocast); ``frame`` the PCK frame of the records."""
+
+    batch_size: int = 8
+    loader_workers: int = 2
+    threads: int = 4
+    device: str = "cpu"
+    dtype: str = "float32"
+    frame: Frame = "original"
+    image_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.threads < 1 or self.loader_workers < 0:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) and threads ({self.threads}) must be at least 1, "
+                f"loader_workers ({self.loader_workers}) at least 0"
+            )
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; expected one of {sorted(DTYPES)}")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"unknown device {self.device!r}; expected 'cpu' or 'cuda'")
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run the block with ``count`` torch intra-op CPU threads, then restore the previous count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def worker_records(
+    checkpoint: bytes,
+    shards: Location,
+    names: Sequence[str],
+    shard_of: Mapping[str, str],
+    settings: EvalSettings,
+) -> Iterator[KeypointRecords]:
+    """Records of every pair of the shards ``names``, one :class:`KeypointRecords` per batch (in
+    the order batches arrive; the driver sorts). Runs in a Ray worker or in the driver itself."""
+    with torch_threads(settings.threads):
+        device = torch.device(settings.device)
+        started = time.perf_counter()
+        model = load_model(checkpoint, settings.image_size).to(device)
+        log.info("model loaded on %s in %.1f s; reading %d shards", device, time.perf_counter() - started, len(names))
+        batches = eval_batches(
+            shards,
+            names,
+            shard_of,
+            image_size=model.config.image_size,
+            batch_size=settings.batch_size,
+            loader_workers=settings.loader_workers,
+        )
+        for batch in batches:
+            yield batch_records(model, batch.to(device), settings.frame, DTYPES[settings.dtype])
+
+
+def predict_split(
+    checkpoint: Checkpoint,
+    plan: SplitPlan,
+    settings: EvalSettings,
+    *,
+    workers: int = 0,
+    gpus_per_worker: float = 0.0,
+    cpus_per_worker: float | None = None,
+    progress: bool = True,
+    on_batch: Callable[[int], None] | None = None,
+) -> KeypointRecords:
+    """Records of every pair of ``plan``, in index order (the canonical order).
+
+    ``workers=0`` predicts in this process; ``workers=N`` on ``min(N, shards)`` Ray tasks (Ray must
+    be initialised), each over its own whole shards (:func:`~sm_eval.plan.assign_shards`), with
+    ``gpus_per_worker`` GPUs (the device becomes ``cuda`` when above 0) and ``cpus_per_worker`` CPUs
+    (default: ``settings.threads``). An error in a worker is raised here as the worker raised it
+    (e.g. the reader's ``ValueError`` naming a corrupt shard); a shard that yields other pairs than
+    its index lists raises ``ValueError`` naming it. ``progress`` shows a bar of pairs evaluated;
+    ``on_batch`` is called with each batch's pair count as it arrives."""
+    desc = f"{checkpoint.name} {plan.split}"
+    parts = []
+    with tqdm(total=plan.num_pairs, unit="pair", desc=desc, disable=not progress, dynamic_ncols=True) as bar:
+        if workers == 0:
+            stream = worker_records(checkpoint.data, plan.shards, list(plan.shard_counts), plan.shard_of, settings)
+        else:
+            ray_settings = replace(settings, device="cuda" if gpus_per_worker > 0 else "cpu")
+            cpus = settings.threads if cpus_per_worker is None else cpus_per_worker
+            stream = _run_ray(checkpoint, plan, ray_settings, workers, gpus_per_worker, cpus)
+        for part in stream:
+            pairs = _pair_count(part)
+            bar.update(pairs)
+            if on_batch is not None:
+                on_batch(pairs)
+            parts.append(part)
+    if not parts:
+        raise ValueError(f"{plan.shards.url}: no records for split {plan.split!r}")
+    records = KeypointRecords.concat(parts)
+    check_coverage(plan, np.unique(records.pair_key.astype(str)), list(plan.shard_counts))
+    return records.take(canonical_order(records.pair_key, plan.position))
+
+
+def _run_ray(
+    checkpoint: Checkpoint,
+    plan: SplitPlan,
+    settings: EvalSettings,
+    workers: int,
+    gpus: float,
+    cpus: float,
+) -> Iterator[KeypointRecords]:
+    """Records as the Ray workers yield them, batch by batch, from whichever worker is ready."""
+    import ray
+
+    if not ray.is_initialized():
+        raise RuntimeError("predict_split(workers > 0) needs Ray: call ray.init() first")
+    _check_resources(ray.cluster_resources(), cpus, gpus)
+    shares = assign_shards(plan.shard_counts, workers)
+    log.info(
+        "%d Ray workers (%.3g CPUs, %.3g GPUs each), pairs per worker %s",
+        len(shares),
+        cpus,
+        gpus,
+        [sum(plan.shard_counts[name] for name in share) for share in shares],
+    )
+    task = ray.remote(worker_records).options(num_cpus=cpus, num_gpus=gpus, name=f"sm_eval:{checkpoint.name}")
+    data, shard_of = ray.put(checkpoint.data), ray.put(plan.shard_of)
+    pending = [task.remote(data, plan.shards, share, shard_of, settings) for share in shares]
+    try:
+        while pending:
+            ready, _ = ray.wait(pending, num_returns=1)
+            for generator in ready:
+                try:
+                    ref = next(generator)
+                except StopIteration:
+                    pending.remove(generator)
+                    continue
+                yield _get(ray, ref)
+    finally:
+        for generator in pending:
+            ray.cancel(generator, force=True)
+
+
+def _get(ray: Any, ref: Any) -> KeypointRecords:
+    """``ray.get(ref)``, raising a worker's error as the worker raised it (its message names the
+    shard), with Ray's wrapper (holding the remote traceback) as its cause."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as error:
+        cause = getattr(error, "cause", None)
+        if isinstance(cause, Exception):
+            raise cause from error
+        raise
+
+
+def _check_resources(resources: Mapping[str, float], cpus: float, gpus: float) -> None:
+    """Fail now, rather than wait forever, when one worker's request exceeds the whole cluster."""
+    for name, wanted in (("CPU", cpus), ("GPU", gpus)):
+        if wanted > resources.get(name, 0.0):
+            raise RuntimeError(
+                f"each worker asks for {wanted:g} {name}s but the Ray cluster has {resources.get(name, 0.0):g}; "
+                "lower --threads/--cpus-per-worker/--gpus-per-worker or add nodes"
+            )
+
+
+def _pair_count(records: KeypointRecords) -> int:
+    return len(np.unique(records.pair_key.astype(str)))

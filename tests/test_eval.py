@@ -34,6 +34,7 @@ from sm_eval.runner import EvalSettings, worker_records
 from sm_train.model import ModelConfig, SimpleMatch, save_checkpoint
 from tests import ap10k_format as fmt
 from tests.conftest import REPO_ROOT
+from tests.report_tables import markdown_table
 
 TINY = ModelConfig(backbone="dinov2_vits14", image_size=28, decoder_channels=16, window_size=5)
 SETTINGS = EvalSettings(batch_size=8, loader_workers=0, threads=2)
@@ -51,20 +52,6 @@ def save_tiny(path: Path, seed: int) -> Path:
 def request(checkpoints: list[str], shards: str, out: str, **changes: Any) -> EvalRequest:
     fields = dict(settings=SETTINGS, device="cpu", alphas=ALPHAS, matches=4, progress=False) | changes
     return EvalRequest(checkpoints=tuple(checkpoints), shards=shards, out=out, **fields)
-
-
-def markdown_table(markdown: str, heading: str) -> list[list[str]]:
-    """Rows (header first) of the table under ``## heading``."""
-    lines = markdown.splitlines()
-    rows = []
-    for line in lines[lines.index(f"## {heading}") + 1 :]:
-        if line.startswith("|"):
-            cells = [cell.strip() for cell in line.strip("|").split("|")]
-            if set("".join(cells)) != {"-"}:
-                rows.append(cells)
-        elif rows:
-            break
-    return rows
 
 
 def records_of(parquet: Path) -> KeypointRecords:

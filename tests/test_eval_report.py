@@ -26,6 +26,7 @@ from sm_eval.report import (
     render_markdown,
     table_alpha,
 )
+from tests.report_tables import markdown_table
 
 ALPHAS = [0.05, 0.1, 0.15]
 
@@ -70,20 +71,6 @@ def report_for(records: Mapping[str, KeypointRecords]) -> dict[str, Any]:
         run={"workers": 0},
         files={"pck_curve": "pck_curve.png", "matches": ["matches/base-00-A.png"]},
     )
-
-
-def markdown_table(markdown: str, heading: str) -> list[list[str]]:
-    """Rows (header first) of the table under ``## heading``."""
-    lines = markdown.splitlines()
-    rows = []
-    for line in lines[lines.index(f"## {heading}") + 1 :]:
-        if line.startswith("|"):
-            cells = [cell.strip() for cell in line.strip("|").split("|")]
-            if set("".join(cells)) != {"-"}:
-                rows.append(cells)
-        elif rows:
-            break
-    return rows
 
 
 def test_model_results_hold_summary_and_a_dense_curve() -> None:

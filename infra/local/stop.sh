@@ -12,10 +12,18 @@ fi
 
 # A process of the cluster names its session directory (under the temp dir) on its command line
 # or holds one of its log files open; Ray renames its workers and agents, so both are checked.
+# This script and its callers (a Ray driver may hold the cluster's files open) are never stopped.
+ancestors=" "
+pid=$$
+while [[ "$pid" -gt 1 ]]; do
+  ancestors+="$pid "
+  pid=$(awk '{print $4}' "/proc/$pid/stat" 2>/dev/null || echo 1)
+done
+
 cluster_pids() {
   local proc
   for proc in /proc/[0-9]*; do
-    [[ "${proc#/proc/}" == "$$" ]] && continue
+    [[ "$ancestors" == *" ${proc#/proc/} "* ]] && continue
     if { tr '\0' ' ' <"$proc/cmdline"; } 2>/dev/null | grep -qF -- "$RAY_TEMP_DIR/" ||
        ls -l "$proc/fd" 2>/dev/null | grep -qF -- "$RAY_TEMP_DIR/"; then
       echo "${proc#/proc/}"

@@ -58,7 +58,7 @@ def test_sweep_with_asha_results_and_best_config(ray_cluster: str, demo_shards: 
         "      - {model.window_size: null, model.beta: 1000.0}\n"
         "      - {model.window_size: null, model.beta: 2000.0}\n"
         "asha: {grace_period: 1, reduction_factor: 2}\n"
-        "overrides: [train.epochs=3]\n"
+        "overrides: [train.epochs=2]\n"
     )
     overrides = [
         f"data.shards={demo_shards}",
@@ -67,10 +67,10 @@ def test_sweep_with_asha_results_and_best_config(ray_cluster: str, demo_shards: 
         "model.decoder_channels=16",
         "model.coarse_window_sizes=[null, 3]",
         "data.loader_workers=0",
-        "train.max_steps_per_epoch=3",
+        "train.max_steps_per_epoch=2",
         "train.batch_size=4",
     ]
-    base = load_config(REPO_ROOT / "configs/demo.yaml", [*overrides, "train.epochs=3"])
+    base = load_config(REPO_ROOT / "configs/demo.yaml", [*overrides, "train.epochs=2"])
     spec = load_space(space, base)
     results = run_sweep(base, spec, "sweep", num_samples=1, max_concurrent=2)
     assert len(results) == 4 and results.num_errors == 0
@@ -80,7 +80,7 @@ def test_sweep_with_asha_results_and_best_config(ray_cluster: str, demo_shards: 
     table = pd.read_parquet(out / "results.parquet")
     assert len(table) == 4 and table["best_pck@0.1"].notna().all()
     hopeless = table[table["localization"].str.contains("beta=1000|beta=2000")]
-    assert (hopeless["epochs"] < 3).all(), table  # ASHA stopped them early
+    assert (hopeless["epochs"] < 2).all(), table  # ASHA stopped them early
     assert "beta=0.02" in best["localization"]
     assert (out / "results.md").read_text().count("\n") == 6
     assert (out / "pck_vs_localization.png").stat().st_size > 0

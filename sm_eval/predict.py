@@ -11,7 +11,6 @@ count, to the last bit.
 
 from __future__ import annotations
 
-import multiprocessing
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from functools import partial
 
@@ -21,7 +20,7 @@ from pipelines.reader import pair_dataset
 from pipelines.schema import PairSample
 from pipelines.storage import Location
 from sm_eval.pck import FLAG_COLUMNS, Frame, KeypointRecords, records_for_pair
-from sm_train.data import PairBatch, PreparedPair, collate_pairs, normalize_images, prepare_pair
+from sm_train.data import PairBatch, PreparedPair, collate_pairs, loader_context, normalize_images, prepare_pair
 from sm_train.model import SimpleMatch
 
 
@@ -134,17 +133,8 @@ def eval_batches(
         dataset,
         batch_size=None,
         num_workers=loader_workers,
-        multiprocessing_context=_forkserver() if loader_workers else None,
+        multiprocessing_context=loader_context() if loader_workers else None,
         # A loader process with no shard (more processes than shards) simply yields nothing.
         persistent_workers=False,
     )
     yield from loader
-
-
-def _forkserver() -> multiprocessing.context.BaseContext:
-    """The forkserver context, with this module preloaded in the server: loader processes fork
-    from a server that has already imported torch and the reader, instead of importing them
-    each (seconds per process). Has no effect once this process's forkserver is running."""
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["__main__", __name__])
-    return context

@@ -237,7 +237,7 @@ def pair_batches(
         dataset,
         batch_size=None,
         num_workers=loader_workers,
-        multiprocessing_context=multiprocessing.get_context("forkserver") if loader_workers else None,
+        multiprocessing_context=loader_context() if loader_workers else None,
         persistent_workers=False,
     )
     pending: list[PreparedPair] = []
@@ -259,6 +259,16 @@ def pair_batches(
         )
     if pending and produced >= skip_batches:
         yield collate_pairs(pending)
+
+
+def loader_context() -> multiprocessing.context.BaseContext:
+    """The start method for DataLoader processes: forkserver (forking inside Ray workers can
+    deadlock), with this module preloaded in the server, so loader processes fork from a server
+    that has already imported torch and the reader instead of importing them each (seconds per
+    process). Has no effect once this process's forkserver is running."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["__main__", __name__])
+    return context
 
 
 def _prepare_all(samples: Iterator[PairSample], image_size: int) -> Iterator[PreparedPair]:

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from pipelines.reader import split_shards
 from pipelines.storage import Location
 from sm_eval.pck import KeypointRecords, summarize
-from sm_eval.predict import batch_records
+from sm_eval.predict import predict_records
 from sm_train.augment import PairAugmentation
 from sm_train.config import OptimConfig, TrainConfig, dump_yaml, from_dict
 from sm_train.data import PairBatch, normalize_images, pair_batches, plan_epoch
@@ -226,9 +226,9 @@ def validate(
         batch_size=config.data.val_batch_size,
         loader_workers=config.data.loader_workers,
     )
-    parts = [batch_records(model, batch.to(device), autocast_dtype=autocast_dtype) for batch in batches]
-    gathered = _all_gather([part.to_dict() for part in parts])
-    records = [KeypointRecords.from_dict(part) for rank_parts in gathered for part in rank_parts]
+    mine = predict_records(model, batches, device, autocast_dtype=autocast_dtype)
+    gathered = _all_gather(mine.to_dict() if mine is not None else None)
+    records = [KeypointRecords.from_dict(part) for part in gathered if part is not None]
     if not records:
         return {}
     summary = summarize(KeypointRecords.concat(records), config.train.val_alphas)["overall"]

@@ -14,7 +14,11 @@ Random weights throughout (``weights=None``); the official DINOv2 ViT-B/14 LoRA 
    - ``dense-rows`` (for reference): the same correlation, the dense soft-argmax on the keypoint
      rows only;
    - ``window``: the same correlation, the keypoint rows taken, window localization;
-   - ``window+sparse``: keypoint features only, window localization (the real model).
+   - ``window+sparse``: keypoint features only, window localization (the real model);
+   - ``no-matching`` (the floor): backbone and decoder as in training, then a loss that reads the
+     source keypoint features and every cell of the target map linearly, with no correlation or
+     localization at all. Any matching scheme on this decoder needs at least this much, so
+     ``no-matching / dense`` bounds the ratio any ``window+sparse`` implementation can reach.
 
    Each mode runs in a fresh process. On the CPU the figure is the peak RSS of the process
    (``resource.getrusage().ru_maxrss``) minus its RSS once the model and inputs are built, i.e.
@@ -24,7 +28,9 @@ Random weights throughout (``weights=None``); the official DINOv2 ViT-B/14 LoRA 
 2. Inference pairs/s of the full model against the backbone alone on the same inputs (eval, no
    grad, warm-up runs, median of timed runs), and the forward FLOPs of each (matmuls and
    convolutions, ``torch.utils.flop_counter``), which do not depend on the machine. Goal:
-   full-model rate at least 0.8 of the backbone's.
+   full-model rate at least 0.8 of the backbone's. Backbone FLOPs / full FLOPs bounds that ratio
+   for an implementation as efficient on convolutions as on the ViT's matmuls, so the run also
+   prints the forward FLOPs of the full model per decoder width (meta device, nothing computed).
 3. With ``--device cuda``: the same at 252 and 448; add ``--dtype bfloat16`` for bfloat16 autocast.
 
 In the dense modes a keypoint's row is the 1/4 cell nearest to it (the model itself samples
@@ -36,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import resource
@@ -56,11 +63,13 @@ from sm_train.model.matching import (
     cosine_similarity,
     dense_soft_argmax,
     pixels_to_cells,
+    sample_keypoint_features,
     window_soft_argmax,
 )
 from sm_train.model.simplematch import SimpleMatch
 
-MEMORY_MODES = ("dense", "dense-rows", "window", "window+sparse")
+MEMORY_MODES = ("dense", "dense-rows", "window", "window+sparse", "no-matching")
+DECODER_WIDTHS = (768, 512, 384, 256, 128)
 
 
 @dataclass(frozen=True)
@@ -120,6 +129,17 @@ def _dense_predictions(model: SimpleMatch, mode: str, src: Tensor, trg: Tensor, 
     return cells_to_pixels(cells, fine.stride)
 
 
+def _floor_loss(model: SimpleMatch, src: Tensor, trg: Tensor, src_kps: Tensor, valid: Tensor) -> Tensor:
+    """Backbone + decoder as in training, then a bilinear read of the source keypoint features
+    against the mean target feature: every activation a matcher needs, no matching memory."""
+    features = model.backbone(torch.cat([src, trg]))
+    fine = model.decoder(features, src.shape[-1])[-1]
+    src_map, trg_map = fine.features.chunk(2)
+    keypoint_features = sample_keypoint_features(src_map, src_kps, fine.stride, model.config.keypoint_sampling)
+    target_mean = trg_map.float().mean(dim=(2, 3))  # [B, C]
+    return (keypoint_features.float() * target_mean.unsqueeze(1))[valid].sum()
+
+
 def measure_memory(setup: Setup, mode: str) -> dict[str, float]:
     """One training step in ``mode`` in this process; memory figures in MiB."""
     torch.manual_seed(0)
@@ -133,6 +153,8 @@ def measure_memory(setup: Setup, mode: str) -> dict[str, float]:
     with setup.autocast():
         if mode == "window+sparse":
             loss = model.loss(model(src, trg, src_kps, valid), trg_kps, valid)
+        elif mode == "no-matching":
+            loss = _floor_loss(model, src, trg, src_kps, valid)
         else:
             loss = keypoint_loss(_dense_predictions(model, mode, src, trg, src_kps), trg_kps, valid)
     loss.backward()
@@ -191,6 +213,29 @@ def measure_inference(setup: Setup, image_size: int, warmup: int, repeats: int) 
     return result
 
 
+def _forward_gflops(model: SimpleMatch, inputs: tuple[Tensor, ...], backbone_only: bool) -> float:
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        if backbone_only:
+            model.backbone(torch.cat(inputs[:2]))
+        else:
+            model(*inputs)
+    return counter.get_total_flops() / 1e9
+
+
+def flops_per_width(config: ModelConfig, keypoints: int) -> list[tuple[int, float, float]]:
+    """``(decoder width, full-model GFLOPs, backbone GFLOPs)`` of one pair's forward at
+    ``config.image_size`` for each of :data:`DECODER_WIDTHS`, on the meta device."""
+    side = config.image_size
+    rows = []
+    for width in DECODER_WIDTHS:
+        with torch.device("meta"):
+            model = SimpleMatch(dataclasses.replace(config, decoder_channels=width, weights=None)).eval()
+            inputs = (torch.empty(1, 3, side, side), torch.empty(1, 3, side, side), torch.empty(1, keypoints, 2),
+                      torch.ones(1, keypoints, dtype=torch.bool))
+        rows.append((width, _forward_gflops(model, inputs, False), _forward_gflops(model, inputs, True)))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: ViT-S/14 at 56 px, 64 channels, batch 2")
@@ -239,6 +284,8 @@ def _report_memory(image_size: int) -> None:
         for mode in MEMORY_MODES:
             print(f"     {mode:<14} {results[mode][key]:9.1f}   {results[mode][key] / dense:5.2f} x dense")
     print("   goal: window+sparse <= 0.49 x dense")
+    floor = results["no-matching"]["cpu_step_peak_mib"] / results["dense"]["cpu_step_peak_mib"]
+    print(f"   bound: no matching at all already takes {floor:4.2f} x dense (backbone + decoder activations)")
 
 
 def _report_speed(setup: Setup, quick: bool, warmup: int, repeats: int) -> None:
@@ -253,6 +300,12 @@ def _report_speed(setup: Setup, quick: bool, warmup: int, repeats: int) -> None:
         print(f"     full model {r['full_pairs_per_s']:8.2f} pairs/s {r['full_gflops']:9.1f} GFLOPs")
         print(f"     backbone   {r['backbone_pairs_per_s']:8.2f} pairs/s {r['backbone_gflops']:9.1f} GFLOPs")
         print(f"     full / backbone: rate {rate_ratio:4.2f} (goal >= 0.8), FLOPs {flop_ratio:4.2f}")
+        print(f"     FLOP-bound ceiling of the rate ratio: {1 / flop_ratio:4.2f}")
+    print(f"\n   forward GFLOPs per pair at {config.image_size} px by decoder width (meta device)")
+    print("     width   full  backbone  backbone/full")
+    for width, full_gflops, backbone_gflops in flops_per_width(config, setup.keypoints):
+        official = "  (released model)" if width == 768 else ""
+        print(f"     {width:5d} {full_gflops:6.1f} {backbone_gflops:9.1f} {backbone_gflops / full_gflops:14.2f}{official}")
 
 
 if __name__ == "__main__":

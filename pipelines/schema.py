@@ -159,7 +159,7 @@ def pair_to_json(pair: PairRecord, src_size: tuple[int, int], trg_size: tuple[in
         "split": pair.split,
         "category": pair.category,
         "threshold": pair.threshold,
-        "kps_ids": [int(i) for i in pair.kps_ids],
+        "kps_ids": np.asarray(pair.kps_ids, dtype=np.int64).tolist(),
         "src": _side_to_json(pair.src.key, src_size, pair.src_kps, pair.src_bbox),
         "trg": _side_to_json(pair.trg.key, trg_size, pair.trg_kps, pair.trg_bbox),
         "extras": dict(pair.extras),
@@ -171,8 +171,8 @@ def _side_to_json(image_key: str, size: tuple[int, int], kps: np.ndarray, bbox: 
     return {
         "image": image_key,
         "size": [int(size[0]), int(size[1])],
-        "kps": [[float(x), float(y)] for x, y in kps],
-        "bbox": [float(v) for v in bbox],
+        "kps": np.asarray(kps, dtype=np.float64).reshape(-1, 2).tolist(),
+        "bbox": np.asarray(bbox, dtype=np.float64).tolist(),
     }
 
 

@@ -77,8 +77,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     position = Position()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
-        with checkpoint.as_directory() as directory:
-            position = restore(Path(directory), model, optimizer, scheduler, device)
+        # A private copy per rank: with Checkpoint.as_directory the ranks of a node share one
+        # download, which the first rank done deletes while a later one may still be starting
+        # ("Checkpoint directory ... does not exist, even though it should have been created").
+        with tempfile.TemporaryDirectory(prefix="sm-restore-") as directory:
+            position = restore(Path(checkpoint.to_directory(directory)), model, optimizer, scheduler, device)
         position.resumes += 1
         logger.info("rank %d resumed at epoch %d step %d (global step %d)", rank, position.epoch, position.step, position.global_step)
     trained = ray.train.torch.prepare_model(model) if world_size > 1 else model

@@ -23,6 +23,7 @@ from sm_train.model.backbones import (
     build_backbone,
     create_encoder,
     load_ibot_teacher,
+    resample_positions_official,
 )
 from sm_train.model.config import ModelConfig
 from sm_train.model.lora import LoRALinear
@@ -135,6 +136,56 @@ def test_meta_build_leaves_nothing_uninitialised(name: str) -> None:
     with torch.device("meta"):
         encoder = create_encoder(BACKBONES[name])
     assert {buffer_name for buffer_name, _ in encoder.named_buffers()} <= set(encoder.state_dict())
+
+
+# ---------------------------------------------------------------- positional embedding resampling
+
+
+def _dinov2_reference_resample(grid: torch.Tensor, new_side: int) -> torch.Tensor:
+    """The DINOv2 / iBOT ``interpolate_pos_encoding`` for a square input: ``[1, M*M, C]`` ->
+    ``[1, new_side**2, C]`` by the scale factor ``(new_side + 0.1) / M``, bicubic, no antialiasing."""
+    side, dim = int(grid.shape[1] ** 0.5), grid.shape[-1]
+    scale = (new_side + 0.1) / side
+    image = grid.reshape(1, side, side, dim).permute(0, 3, 1, 2)
+    resized = nn.functional.interpolate(image, scale_factor=(scale, scale), mode="bicubic")
+    return resized.permute(0, 2, 3, 1).reshape(1, -1, dim)
+
+
+def test_official_resampling_by_hand() -> None:
+    grid = torch.randn(1, 37 * 37, 8)
+    assert resample_positions_official(grid, (37, 37), (37, 37)) is grid
+    constant = torch.full((1, 14 * 14, 3), 2.5)
+    torch.testing.assert_close(resample_positions_official(constant, (14, 14), (16, 16)), torch.full((1, 256, 3), 2.5))
+    official = resample_positions_official(grid, (37, 37), (18, 18))
+    torch.testing.assert_close(official, _dinov2_reference_resample(grid, 18), rtol=0, atol=0)
+    timm_style = nn.functional.interpolate(
+        grid.reshape(1, 37, 37, 8).permute(0, 3, 1, 2), size=(18, 18), mode="bicubic", antialias=True
+    ).permute(0, 2, 3, 1).reshape(1, -1, 8)
+    assert (official - timm_style).abs().max() > 0.1  # downsampling 37 -> 18: antialiasing matters
+
+
+@pytest.mark.parametrize(("name", "size"), [("dinov2_vits14", 42), ("dinov2_vits14_reg4", 42), ("ibot_vitb16", 48)])
+def test_official_resampling_equals_a_model_built_at_that_grid(name: str, size: int) -> None:
+    """The backbone with ``position_resampling="official"`` computes exactly what timm's own
+    forward computes on a copy whose positional grid was resampled once by the DINOv2 formula
+    (so timm resamples nothing): prefix tokens, registers and positions are wired as timm does.
+    With ``"timm"`` it computes timm's forward on the native grid."""
+    torch.manual_seed(5)
+    backbone = _perturb(build_backbone(_config(name, image_size=size)))
+    side = size // BACKBONES[name].size_multiple
+    encoder = backbone.encoder
+    prefix = 0 if encoder.no_embed_class else encoder.num_prefix_tokens
+    at_grid = copy.deepcopy(encoder)
+    with torch.no_grad():
+        grid = _dinov2_reference_resample(encoder.pos_embed[:, prefix:], side)
+        at_grid.pos_embed = nn.Parameter(torch.cat([encoder.pos_embed[:, :prefix], grid], dim=1))
+    at_grid.patch_embed.grid_size = (side, side)
+    images = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(backbone(images)[0], _last_tokens(at_grid, images))
+        backbone.position_resampling = "timm"
+        torch.testing.assert_close(backbone(images)[0], _last_tokens(encoder, images))
+        assert not torch.allclose(_last_tokens(at_grid, images), _last_tokens(encoder, images))
 
 
 # ---------------------------------------------------------------- configuration errors
@@ -322,7 +373,7 @@ def test_dinov2_weights_round_trip(
         state = _to_facebookresearch_dinov2(state)
         assert len(state["pos_embed"][0]) == 1 + 37 * 37
     torch.save(state, tmp_path / "weights.pth")
-    backbone = build_backbone(_config(name, weights=str(tmp_path / "weights.pth")))
+    backbone = build_backbone(_config(name, weights=str(tmp_path / "weights.pth"), position_resampling="timm"))
     for key, value in backbone.encoder.state_dict().items():
         torch.testing.assert_close(value, source.state_dict()[key], msg=key)
     images = torch.randn(2, 3, 42, 42)

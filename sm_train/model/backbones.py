@@ -17,11 +17,12 @@ from typing import Literal
 
 import timm
 import torch
+import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
 
-from sm_train.model.config import FinetuneMode, ModelConfig
+from sm_train.model.config import FinetuneMode, ModelConfig, PositionResampling
 from sm_train.model.lora import apply_lora, mark_only_lora_trainable
 
 logger = logging.getLogger(__name__)
@@ -122,16 +123,35 @@ class Backbone(nn.Module):
             raise ValueError(f"{self.name} needs input sides that are multiples of {multiple}, got {height}x{width}")
 
 
+def resample_positions_official(grid: torch.Tensor, old_size: tuple[int, int], new_size: tuple[int, int]) -> torch.Tensor:
+    """A positional-embedding grid ``[1, h*w, C]`` of ``old_size`` ``(h, w)`` fitted to ``new_size``
+    as the DINO, DINOv2 and iBOT code does: bicubic by the scale factor ``(new + 0.1) / old``
+    (which also sets where output cells sample the input), no antialiasing, unchanged when the
+    sizes agree. Returns ``[1, H*W, C]`` in ``grid``'s dtype."""
+    if tuple(old_size) == tuple(new_size):
+        return grid
+    (old_h, old_w), (new_h, new_w) = old_size, new_size
+    image = grid.float().reshape(1, old_h, old_w, -1).permute(0, 3, 1, 2)
+    resized = F.interpolate(image, scale_factor=((new_h + 0.1) / old_h, (new_w + 0.1) / old_w), mode="bicubic")
+    if resized.shape[-2:] != (new_h, new_w):
+        raise RuntimeError(f"positional grid {old_size} resampled to {tuple(resized.shape[-2:])}, expected {new_size}")
+    return resized.permute(0, 2, 3, 1).reshape(1, new_h * new_w, -1).to(grid.dtype)
+
+
 class ViTBackbone(Backbone):
     """A timm VisionTransformer; ``forward`` returns ``[tokens [B, C, H/p, W/p]]``: the last
-    block's patch tokens. timm resamples the positional embedding to the input grid at each call
-    (bicubic with antialiasing; the official code interpolates without antialiasing)."""
+    block's patch tokens. The pretrained positional embedding keeps its native grid (37 x 37 for
+    DINOv2, 14 x 14 for iBOT) and is resampled to the input's grid at each call, as
+    ``position_resampling`` says (see :class:`sm_train.model.config.ModelConfig`)."""
 
-    def __init__(self, name: str, spec: BackboneSpec, encoder: nn.Module) -> None:
+    def __init__(
+        self, name: str, spec: BackboneSpec, encoder: nn.Module, position_resampling: PositionResampling = "official"
+    ) -> None:
         # The features are read before the final LayerNorm (as the official code does), so drop it
         # and the head: no parameter stays unused, which full fine-tuning under DDP requires.
         encoder.prune_intermediate_layers(indices=1, prune_norm=True, prune_head=True)
         super().__init__(name, spec, encoder)
+        self.position_resampling = position_resampling
 
     def tunable_blocks(self) -> list[nn.Module]:
         return list(self.encoder.blocks)
@@ -139,10 +159,37 @@ class ViTBackbone(Backbone):
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         """images [B, 3, H, W] -> [tokens [B, C, H/p, W/p]]."""
         self.check_input(images)
-        (tokens,) = self.encoder.forward_intermediates(
-            images, indices=1, norm=False, output_fmt="NCHW", intermediates_only=True
+        encoder = self.encoder
+        patches = encoder.patch_embed(images)  # [B, h, w, C]
+        batch, height, width, channels = patches.shape
+        if self.position_resampling == "timm":
+            x = encoder._pos_embed(patches)
+        else:
+            x = self._add_positions_official(patches)
+        x = encoder.norm_pre(encoder.patch_drop(x))
+        for block in encoder.blocks:
+            x = block(x)
+        tokens = x[:, encoder.num_prefix_tokens :]
+        return [tokens.reshape(batch, height, width, channels).permute(0, 3, 1, 2).contiguous()]
+
+    def _add_positions_official(self, patches: torch.Tensor) -> torch.Tensor:
+        """``patches`` ``[B, h, w, C]`` -> tokens ``[B, prefix + h*w, C]`` with prefix tokens
+        (CLS, registers) and positions added, as timm's ``_pos_embed`` does, but with the grid part
+        resampled by :func:`resample_positions_official`."""
+        encoder = self.encoder
+        batch, height, width, channels = patches.shape
+        prefix = [encoder.cls_token, encoder.reg_token]
+        prefix = [token.expand(batch, -1, -1) for token in prefix if token is not None]
+        embedded_prefix = 0 if encoder.no_embed_class else encoder.num_prefix_tokens
+        grid = resample_positions_official(
+            encoder.pos_embed[:, embedded_prefix:], encoder.patch_embed.grid_size, (height, width)
         )
-        return [tokens]
+        x = patches.reshape(batch, height * width, channels)
+        if encoder.no_embed_class:  # DINOv2 with registers: positions for patches only
+            x = torch.cat([*prefix, x + grid], dim=1)
+        else:
+            x = torch.cat([*prefix, x], dim=1) + torch.cat([encoder.pos_embed[:, :embedded_prefix], grid], dim=1)
+        return encoder.pos_drop(x)
 
 
 class ResNetBackbone(Backbone):
@@ -164,8 +211,10 @@ def build_backbone(cfg: ModelConfig) -> Backbone:
     spec = get_spec(cfg.backbone)
     _check_image_size(cfg.backbone, spec, cfg.image_size)
     encoder = _encoder_with_weights(cfg.backbone, spec, cfg.weights)
-    backbone_class = ViTBackbone if spec.kind == "vit" else ResNetBackbone
-    backbone = backbone_class(cfg.backbone, spec, encoder)
+    if spec.kind == "vit":
+        backbone: Backbone = ViTBackbone(cfg.backbone, spec, encoder, cfg.position_resampling)
+    else:
+        backbone = ResNetBackbone(cfg.backbone, spec, encoder)
     apply_finetune(backbone, cfg.finetune, cfg.finetune_blocks, cfg.lora_rank, cfg.lora_alpha)
     return backbone
 

@@ -8,6 +8,7 @@ from typing import Literal
 
 FinetuneMode = Literal["frozen", "lora", "last_blocks", "full"]
 KeypointSampling = Literal["bilinear", "nearest"]
+PositionResampling = Literal["official", "timm"]
 
 
 @dataclass(frozen=True)
@@ -22,7 +23,10 @@ class ModelConfig:
     use ``coarse_window_sizes`` (1/16, 1/8). ``beta`` is the soft-argmax temperature.
     ``multiscale`` predicts and supervises at 1/16, 1/8 and 1/4 with ``scale_weights``;
     otherwise only at 1/4. ``keypoint_sampling`` reads source features bilinearly or, for parity
-    with the official code, from the integer cell holding the keypoint."""
+    with the official code, from the integer cell holding the keypoint. ``position_resampling``
+    (ViTs) fits the pretrained positional embedding to the input's patch grid as the DINO, DINOv2
+    and iBOT code that trained the released weights does (``"official"``: bicubic, 0.1-cell offset,
+    no antialiasing) or as timm does (``"timm"``: bicubic to the exact size, antialiased)."""
 
     backbone: str = "dinov2_vitb14"
     weights: str | None = None
@@ -39,3 +43,4 @@ class ModelConfig:
     multiscale: bool = False
     scale_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
     keypoint_sampling: KeypointSampling = "bilinear"
+    position_resampling: PositionResampling = "official"

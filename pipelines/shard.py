@@ -302,7 +302,7 @@ def _index_row(pair: PairRecord, shard: str) -> dict:
         "threshold": pair.threshold,
         "src_image": pair.src.key,
         "trg_image": pair.trg.key,
-        "num_keypoints": int(len(pair.kps_ids)),
+        "num_keypoints": len(pair.kps_ids),
         "origin": pair.origin,
     }
     clash = row.keys() & pair.extras.keys()

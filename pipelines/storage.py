@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-
 def is_s3(url: str) -> bool:
     return url.startswith("s3://")
 

@@ -22,8 +22,9 @@ Geometry
   continuous pixel edges, so the whole pixels ``x1..x2``, ``y1..y2`` of the object box are always
   kept. The window is resized back to ``H x W`` anisotropically (as the official code). Non-finite
   bboxes count as the whole image, so such a sample is never cropped.
-* Rotation (``rotation_p``): by ``U(-rotation_degrees, rotation_degrees)`` degrees about the image
-  centre, counter-clockwise on screen for a positive angle (OpenCV's and kornia's sign). With
+* Rotation (``rotation_p``): by ``U(-rotation_degrees, rotation_degrees)`` degrees (for the
+  categories in ``wide_rotation_categories``, official ``bottle``: ``U(-wide_rotation_degrees,
+  wide_rotation_degrees)``, official 180) about the image centre, counter-clockwise on screen for a positive angle (OpenCV's and kornia's sign). With
   ``rotation_expand`` (official) the canvas grows to hold the whole rotated image
   (``W|cos| + H|sin|`` by ``W|sin| + H|cos|``, black fill) and is resized back to ``H x W``, i.e. a
   rotation plus a zoom-out by ``1 / (|cos| + |sin|)`` on a square image: nothing leaves the frame.
@@ -33,9 +34,13 @@ Geometry
 
 Differences from the official code: parameters are continuous rather than whole pixels; the
 crop works on the already resized ``S x S`` image rather than the original; keypoints that leave the
-frame are masked (``in_frame``) instead of clipped to ``[0, S - 1]``; there is no ``bottle``
-special case (+-180 degrees) and no "same angle for source and target" draw, as source and target
-are augmented by independent calls.
+frame are masked (``in_frame``) instead of clipped to ``[0, S - 1]``; there is no "same angle for
+source and target" draw, as source and target are augmented by independent calls.
+
+Exchange
+--------
+:meth:`PairAugmentation.exchange` swaps the source and target of each pair with ``exchange_p``
+(the official ``Exchange``, PF-PASCAL only: 0.5), before the two sides are augmented.
 
 Appearance
 ----------
@@ -60,13 +65,15 @@ bit for bit as they were (they are never resampled through an identity warp).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import kornia
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from sm_train.data import PairBatch
 
 
 @dataclass(frozen=True)
@@ -77,9 +84,12 @@ class AugmentConfig:
     Probabilities are per image. Plain types only, so the config loads from YAML
     (:mod:`sm_train.config`).
 
+    Pairs: ``exchange_p`` (swap source and target; official PF-PASCAL 0.5, otherwise 0).
     Geometry: ``crop_p`` (crop keeping the object bbox, resized back), ``rotation_p`` with
-    ``rotation_degrees`` (angle ``U(-d, d)``) and ``rotation_expand`` (grow the canvas to fit, then
-    resize back, as the official code; ``False`` keeps the canvas). Appearance: ``grayscale_p``;
+    ``rotation_degrees`` (angle ``U(-d, d)``; ``wide_rotation_degrees`` instead for the
+    categories in ``wide_rotation_categories``, official ``[bottle]`` and 180) and
+    ``rotation_expand`` (grow the canvas to fit, then resize back, as the official code; ``False``
+    keeps the canvas). Appearance: ``grayscale_p``;
     ``posterize_p``, ``posterize_bits`` (bits kept, 0..8); ``equalize_p``; ``sharpen_p`` with the
     ``(low, high)`` ranges ``sharpen_alpha`` (blend with the identity kernel) and
     ``sharpen_lightness``; ``brightness_contrast_p`` with ``brightness_limit`` (additive, in
@@ -90,9 +100,12 @@ class AugmentConfig:
     """
 
     enabled: bool = True
+    exchange_p: float = 0.0
     crop_p: float = 0.5
     rotation_p: float = 0.5
     rotation_degrees: float = 30.0
+    wide_rotation_categories: tuple[str, ...] = ()
+    wide_rotation_degrees: float = 180.0
     rotation_expand: bool = True
     grayscale_p: float = 0.1
     posterize_p: float = 0.2
@@ -124,7 +137,7 @@ class AugmentConfig:
                 raise ValueError(f"{name} must be a range 0 <= low <= high, got {(low, high)}")
         if self.sharpen_alpha[1] > 1.0:
             raise ValueError(f"sharpen_alpha must lie in [0, 1], got {self.sharpen_alpha}")
-        ranges = ("rotation_degrees", "brightness_limit", "contrast_limit")
+        ranges = ("rotation_degrees", "wide_rotation_degrees", "brightness_limit", "contrast_limit")
         for name in (*ranges, "jitter_brightness", "jitter_contrast", "jitter_saturation", "jitter_hue"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
@@ -292,11 +305,31 @@ class PairAugmentation(torch.nn.Module):
             p=1.0,  # which images are jittered is drawn here, like every other step
         )
 
-    def forward(self, images: Tensor, kps: Tensor, bboxes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def exchange(self, batch: PairBatch) -> PairBatch:
+        """``batch`` with the source and target of each pair swapped with probability
+        ``exchange_p`` (images, keypoints, bboxes, sizes); ``meta`` still describes the stored
+        pairs. The batch itself is returned when nothing is swapped."""
+        swapped = _bernoulli(len(batch), self.config.exchange_p if self.config.enabled else 0.0)
+        if not swapped.any():
+            return batch
+        mask = swapped.to(batch.src_image.device)
+        sides = {}
+        for name in ("image", "kps", "bbox", "size"):
+            src, trg = getattr(batch, f"src_{name}"), getattr(batch, f"trg_{name}")
+            if src.shape != trg.shape:
+                raise ValueError(f"cannot exchange src_{name} {tuple(src.shape)} and trg_{name} {tuple(trg.shape)}")
+            row_mask = mask.view(-1, *[1] * (src.ndim - 1))
+            sides[f"src_{name}"], sides[f"trg_{name}"] = torch.where(row_mask, trg, src), torch.where(row_mask, src, trg)
+        return dataclasses.replace(batch, **sides)
+
+    def forward(
+        self, images: Tensor, kps: Tensor, bboxes: Tensor, categories: Sequence[str] | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Augment ``images`` and move ``kps`` with them.
 
         ``images``: ``[B, 3, S, S]`` float in [0, 1]; ``kps``: ``[B, N, 2]`` input pixels, padded rows
-        NaN; ``bboxes``: ``[B, 4]`` ``(x1, y1, x2, y2)`` input pixels (the object box kept by the crop).
+        NaN; ``bboxes``: ``[B, 4]`` ``(x1, y1, x2, y2)`` input pixels (the object box kept by the crop);
+        ``categories``: one per sample, for ``wide_rotation_categories`` (``None``: none is wide).
         Returns ``(images [B, 3, S, S], kps [B, N, 2], in_frame [B, N] bool)``: keypoints that left the
         frame keep their (unclamped) coordinates and are ``False`` in ``in_frame``, as are NaN rows.
         With augmentation disabled (or every probability 0) the input tensors themselves are returned.
@@ -307,11 +340,13 @@ class PairAugmentation(torch.nn.Module):
             return images, kps, keypoints_in_frame(kps, size)
         with torch.autocast(images.device.type, enabled=False):
             work = images.to(torch.promote_types(images.dtype, torch.float32))
-            work, kps = self._geometry(work, kps, bboxes)
+            work, kps = self._geometry(work, kps, bboxes, categories)
             work = self._appearance(work)
         return work.to(images.dtype), kps, keypoints_in_frame(kps, size)
 
-    def _geometry(self, images: Tensor, kps: Tensor, bboxes: Tensor) -> tuple[Tensor, Tensor]:
+    def _geometry(
+        self, images: Tensor, kps: Tensor, bboxes: Tensor, categories: Sequence[str] | None
+    ) -> tuple[Tensor, Tensor]:
         """Crop and rotation as one matrix per sample; only the samples that move are resampled."""
         config = self.config
         batch, size, device = images.shape[0], (images.shape[-2], images.shape[-1]), images.device
@@ -319,7 +354,8 @@ class PairAugmentation(torch.nn.Module):
         cropped = _bernoulli(batch, config.crop_p)
         crop_uniform = torch.rand(batch, 4, dtype=torch.float64) if config.crop_p > 0 else None
         rotated = _bernoulli(batch, config.rotation_p)
-        angles = _uniform(batch, -config.rotation_degrees, config.rotation_degrees) if config.rotation_p > 0 else None
+        limits = rotation_limits(config, categories, batch)
+        angles = -limits + 2 * limits * torch.rand(batch, dtype=torch.float64) if config.rotation_p > 0 else None
         moved = (cropped | rotated).nonzero().squeeze(1)
         if moved.numel() == 0:
             return images, kps
@@ -368,6 +404,20 @@ class PairAugmentation(torch.nn.Module):
         contrast = _uniform(images.shape[0], -contrast_limit, contrast_limit)
         brightness = _uniform(images.shape[0], -brightness_limit, brightness_limit)
         return brightness_contrast(images, contrast, brightness)
+
+
+def rotation_limits(config: AugmentConfig, categories: Sequence[str] | None, batch: int) -> Tensor:
+    """The largest rotation (degrees) of each of ``batch`` samples, ``[B]`` float64:
+    ``wide_rotation_degrees`` for ``categories`` listed in ``wide_rotation_categories``,
+    ``rotation_degrees`` otherwise (and for every sample when ``categories`` is ``None``)."""
+    if categories is not None and len(categories) != batch:
+        raise ValueError(f"{len(categories)} categories for a batch of {batch}")
+    wide = set(config.wide_rotation_categories)
+    return torch.tensor(
+        [config.wide_rotation_degrees if categories is not None and c in wide else config.rotation_degrees
+         for c in (categories or [None] * batch)],
+        dtype=torch.float64,
+    )
 
 
 def _crop_windows(bboxes: Tensor, uniform: Tensor, size: tuple[int, int]) -> Tensor:

@@ -171,7 +171,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 def train_step(
     trained: nn.Module,
     model: SimpleMatch,
-    augment: nn.Module,
+    augment: PairAugmentation,
     optimizer: torch.optim.Optimizer,
     batch: PairBatch,
     config: TrainConfig,
@@ -181,13 +181,15 @@ def train_step(
 
     ``trained`` is what runs forward (the DDP wrapper when distributed), ``model`` the bare module."""
     size = config.model.image_size
+    batch = augment.exchange(batch)
+    categories = [meta.category for meta in batch.meta]
     src_kps = original_to_input_pixels(batch.src_kps, batch.src_size, size)
     trg_kps = original_to_input_pixels(batch.trg_kps, batch.trg_size, size)
     src_bbox = original_to_input_pixels(batch.src_bbox.view(-1, 2, 2), batch.src_size, size).view(-1, 4)
     trg_bbox = original_to_input_pixels(batch.trg_bbox.view(-1, 2, 2), batch.trg_size, size).view(-1, 4)
     with torch.no_grad():
-        src, src_kps, src_in = augment(batch.src_image.float() / 255, src_kps, src_bbox)
-        trg, trg_kps, trg_in = augment(batch.trg_image.float() / 255, trg_kps, trg_bbox)
+        src, src_kps, src_in = augment(batch.src_image.float() / 255, src_kps, src_bbox, categories)
+        trg, trg_kps, trg_in = augment(batch.trg_image.float() / 255, trg_kps, trg_bbox, categories)
     valid = batch.valid & src_in & trg_in
     with torch.autocast(src.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
         predictions = trained(normalize_images(src), normalize_images(trg), src_kps, valid)

@@ -1,6 +1,7 @@
 """sm_train.augment: keypoints follow the image exactly under the pixel-centre convention, the crop
 keeps the object box, out-of-frame and padded keypoints are masked, probabilities and seeds are
-respected, and the disabled augmentation is the identity."""
+respected, the disabled augmentation is the identity, wide-rotation categories and the pair
+exchange."""
 
 from __future__ import annotations
 
@@ -18,15 +19,18 @@ from sm_train.augment import (
     crop_resize_matrix,
     keypoints_in_frame,
     posterize,
+    rotation_limits,
     rotation_matrix,
     sharpen,
     solarize,
     transform_keypoints,
     warp_images,
 )
+from sm_train.data import PairBatch
 
 S = 64
-PROBABILITIES = [field.name for field in dataclasses.fields(AugmentConfig) if field.name.endswith("_p")]
+# Probabilities of the per-image steps (the pair-level exchange_p is tested on its own).
+PROBABILITIES = [f.name for f in dataclasses.fields(AugmentConfig) if f.name.endswith("_p") and f.name != "exchange_p"]
 APPEARANCE = [name for name in PROBABILITIES if name not in ("crop_p", "rotation_p")]
 
 
@@ -293,6 +297,70 @@ def test_seed_reproduces() -> None:
     for first, second in zip(runs[0], runs[1], strict=True):
         assert torch.equal(first.nan_to_num(-1), second.nan_to_num(-1))
     assert not torch.equal(runs[0][0], runs[2][0])
+
+
+# --- wide rotations and the pair exchange -------------------------------------------------------------------
+
+
+def test_rotation_limits_per_category() -> None:
+    config = AugmentConfig(rotation_degrees=30.0, wide_rotation_categories=("bottle",), wide_rotation_degrees=180.0)
+    assert rotation_limits(config, ["bottle", "cat", "bottle"], 3).tolist() == [180.0, 30.0, 180.0]
+    assert rotation_limits(config, None, 2).tolist() == [30.0, 30.0]
+    with pytest.raises(ValueError, match="2 categories for a batch of 3"):
+        rotation_limits(config, ["bottle", "cat"], 3)
+
+
+def test_only_wide_categories_turn_when_the_normal_range_is_zero() -> None:
+    images, kps, bboxes = _inputs(batch=2)
+    config = only(rotation_p=1.0, rotation_degrees=0.0, wide_rotation_categories=("bottle",))
+    angles = []
+    for seed in range(20):
+        torch.manual_seed(seed)
+        out, moved, _ = PairAugmentation(config)(images, kps, bboxes, ["cat", "bottle"])
+        torch.testing.assert_close(moved[0], kps[0], equal_nan=True)  # a 0-degree turn moves nothing
+        assert (moved[1, :-1] != kps[1, :-1]).any()
+        # The angle of the bottle, read back from its first keypoint around the centre.
+        centre = (S - 1) / 2
+        before, after = kps[1, 0] - centre, moved[1, 0] - centre
+        angles.append(math.degrees(math.atan2(-(after[1]), after[0]) - math.atan2(-(before[1]), before[0])))
+    wrapped = [(a + 180) % 360 - 180 for a in angles]
+    assert max(abs(a) for a in wrapped) > 90  # beyond the normal 30 degrees
+
+
+def _pair_batch(batch: int) -> PairBatch:
+    generator = torch.Generator().manual_seed(3)
+    return PairBatch(
+        src_image=torch.randint(0, 255, (batch, 3, 8, 8), dtype=torch.uint8, generator=generator),
+        trg_image=torch.randint(0, 255, (batch, 3, 8, 8), dtype=torch.uint8, generator=generator),
+        src_kps=torch.rand(batch, 2, 2, generator=generator),
+        trg_kps=torch.rand(batch, 2, 2, generator=generator),
+        valid=torch.ones(batch, 2, dtype=torch.bool),
+        src_bbox=torch.rand(batch, 4, generator=generator),
+        trg_bbox=torch.rand(batch, 4, generator=generator),
+        src_size=torch.randint(10, 99, (batch, 2), generator=generator),
+        trg_size=torch.randint(10, 99, (batch, 2), generator=generator),
+        meta=[None] * batch,  # type: ignore[list-item]
+    )
+
+
+def test_exchange_swaps_whole_sides_with_its_probability() -> None:
+    batch = _pair_batch(64)
+    assert PairAugmentation(only(exchange_p=0.0)).exchange(batch) is batch
+    assert PairAugmentation(AugmentConfig(enabled=False, exchange_p=1.0)).exchange(batch) is batch
+    swapped = PairAugmentation(only(exchange_p=1.0)).exchange(batch)
+    for name in ("image", "kps", "bbox", "size"):
+        assert torch.equal(getattr(swapped, f"src_{name}"), getattr(batch, f"trg_{name}"))
+        assert torch.equal(getattr(swapped, f"trg_{name}"), getattr(batch, f"src_{name}"))
+    assert torch.equal(swapped.valid, batch.valid) and swapped.meta is batch.meta
+
+    torch.manual_seed(0)
+    half = PairAugmentation(only(exchange_p=0.5)).exchange(batch)
+    exchanged = torch.tensor([torch.equal(half.src_image[i], batch.trg_image[i]) for i in range(64)])
+    assert 16 <= int(exchanged.sum()) <= 48
+    for i in range(64):  # each pair is either exactly as it was or exactly swapped, every field alike
+        source = batch.trg_kps[i] if exchanged[i] else batch.src_kps[i]
+        size = batch.trg_size[i] if exchanged[i] else batch.src_size[i]
+        assert torch.equal(half.src_kps[i], source) and torch.equal(half.src_size[i], size)
 
 
 # --- appearance functions ----------------------------------------------------------------------------------

@@ -148,7 +148,7 @@ def yaml_commands(path: Path, source: str) -> list[Command]:
 
 def readme_commands(path: Path) -> list[Command]:
     """Commands in a Markdown file's fenced code blocks."""
-    blocks = re.findall(r"^```[^\n]*\n(.*?)^```", path.read_text(), flags=re.S | re.M)
+    blocks = re.findall(r"^```[^\n]*\n(.*?)^```", path.read_text(), flags=re.DOTALL | re.MULTILINE)
     return [c for block in blocks for c in find_commands(block, str(path.relative_to(REPO_ROOT)))]
 
 
@@ -218,7 +218,7 @@ def parse_with_cli(command: Command) -> argparse.Namespace | None:
 
 
 def image_workdir() -> str:
-    return re.findall(r"^WORKDIR\s+(\S+)", DOCKERFILE.read_text(), flags=re.M)[-1]
+    return re.findall(r"^WORKDIR\s+(\S+)", DOCKERFILE.read_text(), flags=re.MULTILINE)[-1]
 
 
 def repo_path(path: Path | str) -> Path:

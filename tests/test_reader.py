@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-import pipelines.reader as reader
+from pipelines import reader
 from pipelines.imageio import decode_rgb
 from pipelines.reader import pair_dataset, split_shards
 from pipelines.schema import PairSample

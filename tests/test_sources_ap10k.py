@@ -16,8 +16,8 @@ from PIL import Image
 
 from pipelines import validate
 from pipelines.schema import PairRecord, Reject, pair_to_json
-from pipelines.sources import ap10k
 from pipelines.shard import shard_dataset
+from pipelines.sources import ap10k
 from pipelines.storage import Location
 from tests import ap10k_format as fmt
 from tests.conftest import REPO_ROOT
@@ -52,8 +52,8 @@ MIXED_SPECIES = {
 MIXED_LABELLED = {
     41: range(14, 17),
     42: range(14, 17),
-    51: range(0, 3),
-    52: range(0, 3),
+    51: range(3),
+    52: range(3),
     5: (0, 1, 2, 16),
     7: (2, 3, 4),
 }

@@ -10,7 +10,7 @@ import pytest
 
 from sm_train.config import ConfigError, load_config
 from sm_train.trainer import build_trainer
-from sm_train.tune import load_space, param_space, summarize_results, run_sweep, trial_config
+from sm_train.tune import load_space, param_space, run_sweep, summarize_results, trial_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = sorted((REPO_ROOT / "sweeps").glob("*.yaml"))

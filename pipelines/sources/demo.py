@@ -435,7 +435,7 @@ def _select_objects(categories: Sequence[str] | None) -> list[DemoObject]:
     return [obj for obj in DEMO_OBJECTS if obj.category in categories]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def photo_and_keypoints(obj: DemoObject) -> tuple[np.ndarray, np.ndarray]:
     """``obj``'s photo ``(h, w, 3)`` uint8 and its keypoints ``(K, 2)``, computed once."""
     photo = obj.load()

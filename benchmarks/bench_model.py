@@ -50,7 +50,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -206,19 +208,15 @@ def measure_inference(setup: Setup, image_size: int, warmup: int, repeats: int) 
 
     result = {}
     for name, step in (("full", full), ("backbone", backbone)):
-        with FlopCounterMode(display=False) as counter:
-            step()
-        result[f"{name}_gflops"] = counter.get_total_flops() / 1e9
+        result[f"{name}_gflops"] = _gflops(step)
         result[f"{name}_pairs_per_s"] = setup.batch / _median_seconds(step, warmup, repeats, setup.device)
     return result
 
 
-def _forward_gflops(model: SimpleMatch, inputs: tuple[Tensor, ...], backbone_only: bool) -> float:
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        if backbone_only:
-            model.backbone(torch.cat(inputs[:2]))
-        else:
-            model(*inputs)
+def _gflops(step: Callable[[], object]) -> float:
+    """Forward GFLOPs (matmuls and convolutions) of one call of ``step``."""
+    with FlopCounterMode(display=False) as counter:
+        step()
     return counter.get_total_flops() / 1e9
 
 
@@ -232,7 +230,10 @@ def flops_per_width(config: ModelConfig, keypoints: int) -> list[tuple[int, floa
             model = SimpleMatch(dataclasses.replace(config, decoder_channels=width, weights=None)).eval()
             inputs = (torch.empty(1, 3, side, side), torch.empty(1, 3, side, side), torch.empty(1, keypoints, 2),
                       torch.ones(1, keypoints, dtype=torch.bool))
-        rows.append((width, _forward_gflops(model, inputs, False), _forward_gflops(model, inputs, True)))
+        with torch.no_grad():
+            full = _gflops(partial(model, *inputs))
+            backbone = _gflops(partial(model.backbone, torch.cat(inputs[:2])))
+        rows.append((width, full, backbone))
     return rows
 
 

@@ -20,7 +20,7 @@ from pipelines.reader import pair_dataset
 from pipelines.schema import PairSample
 from pipelines.storage import Location
 from sm_eval.pck import FLAG_COLUMNS, Frame, KeypointRecords, records_for_pair
-from sm_train.data import PairBatch, PreparedPair, collate_pairs, loader_context, normalize_images, prepare_pair
+from sm_train.data import PairBatch, PreparedPair, collate_pairs, normalize_images, prepare_pair, stream_loader
 from sm_train.model import SimpleMatch
 
 
@@ -129,12 +129,4 @@ def eval_batches(
     dataset = pair_dataset(shards, names, split_nodes=False).compose(
         partial(shard_batches, shard_of=wanted, image_size=image_size, batch_size=batch_size)
     )
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=None,
-        num_workers=loader_workers,
-        multiprocessing_context=loader_context() if loader_workers else None,
-        # A loader process with no shard (more processes than shards) simply yields nothing.
-        persistent_workers=False,
-    )
-    yield from loader
+    yield from stream_loader(dataset, loader_workers)

@@ -412,12 +412,11 @@ def rotation_limits(config: AugmentConfig, categories: Sequence[str] | None, bat
     ``rotation_degrees`` otherwise (and for every sample when ``categories`` is ``None``)."""
     if categories is not None and len(categories) != batch:
         raise ValueError(f"{len(categories)} categories for a batch of {batch}")
+    if categories is None:
+        return torch.full((batch,), config.rotation_degrees, dtype=torch.float64)
     wide = set(config.wide_rotation_categories)
-    return torch.tensor(
-        [config.wide_rotation_degrees if categories is not None and c in wide else config.rotation_degrees
-         for c in (categories or [None] * batch)],
-        dtype=torch.float64,
-    )
+    limits = [config.wide_rotation_degrees if category in wide else config.rotation_degrees for category in categories]
+    return torch.tensor(limits, dtype=torch.float64)
 
 
 def _crop_windows(bboxes: Tensor, uniform: Tensor, size: tuple[int, int]) -> Tensor:

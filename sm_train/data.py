@@ -233,16 +233,9 @@ def pair_batches(
     dataset = pair_dataset(
         shards, entries, shuffle_buffer=shuffle_buffer, seed=seed, epoch=epoch, split_nodes=split_nodes
     ).compose(partial(_prepare_all, image_size=image_size))
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=None,
-        num_workers=loader_workers,
-        multiprocessing_context=loader_context() if loader_workers else None,
-        persistent_workers=False,
-    )
     pending: list[PreparedPair] = []
     produced = 0
-    for pair in loader:
+    for pair in stream_loader(dataset, loader_workers):
         pending.append(pair)
         if len(pending) < batch_size:
             continue
@@ -269,6 +262,19 @@ def loader_context() -> multiprocessing.context.BaseContext:
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["__main__", __name__])
     return context
+
+
+def stream_loader(dataset: torch.utils.data.IterableDataset, loader_workers: int) -> torch.utils.data.DataLoader:
+    """A DataLoader that passes ``dataset``'s items through unbatched, produced by
+    ``loader_workers`` processes started by :func:`loader_context` (none: in this process). A
+    loader process with no shard (more processes than shards) simply yields nothing."""
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=loader_workers,
+        multiprocessing_context=loader_context() if loader_workers else None,
+        persistent_workers=False,
+    )
 
 
 def _prepare_all(samples: Iterator[PairSample], image_size: int) -> Iterator[PreparedPair]:

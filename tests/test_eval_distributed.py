@@ -12,25 +12,20 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from pipelines.storage import Location
 from sm_eval.evaluate import EvalRequest, evaluate
 from sm_eval.plan import read_split_plan
 from sm_eval.runner import EvalSettings
-from sm_train.model import ModelConfig, SimpleMatch, save_checkpoint
 from tests.conftest import REPO_ROOT
+from tests.test_eval import save_tiny
 
-TINY = ModelConfig(backbone="dinov2_vits14", image_size=28, decoder_channels=16, window_size=5)
 ALPHAS = (0.05, 0.1, 0.15)
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    save_checkpoint(SimpleMatch(TINY), path)
-    return path
+    return save_tiny(tmp_path_factory.mktemp("ckpt") / "tiny.pt", seed=0)
 
 
 def run(checkpoint: Path, shards: Path, out: Path, workers: int, loader_workers: int) -> dict:

@@ -38,12 +38,14 @@ import torch
 from pipelines.shard import shard_dataset
 from pipelines.sources.demo import generate
 from pipelines.storage import Location
-from sm_eval.checkpoints import read_checkpoint
+from sm_eval.checkpoints import read_checkpoint_file
 from sm_eval.pck import summarize
 from sm_eval.plan import SplitPlan, read_split_plan
 from sm_eval.predict import eval_batches, predict_batch
 from sm_eval.runner import DTYPES, EvalSettings, predict_split, torch_threads
-from sm_train.model import ModelConfig, SimpleMatch, save_checkpoint
+from sm_model.checkpoint import save_checkpoint
+from sm_model.config import ModelConfig
+from sm_model.simplematch import SimpleMatch
 
 ALPHAS = (0.01, 0.05, 0.1, 0.15)
 
@@ -153,7 +155,7 @@ def main() -> None:
         torch.manual_seed(0)
         model = SimpleMatch(config).eval()
         save_checkpoint(model, work / "model.pt")
-        checkpoint = read_checkpoint(str(work / "model.pt"), "bench")
+        checkpoint = read_checkpoint_file(str(work / "model.pt"), "bench")
         model = model.to(args.device)
 
         print(

@@ -58,17 +58,16 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
-from sm_train.model.config import ModelConfig
-from sm_train.model.loss import keypoint_loss
-from sm_train.model.matching import (
-    cells_to_pixels,
+from sm_model.config import ModelConfig
+from sm_model.loss import keypoint_loss
+from sm_model.matching import (
     cosine_similarity,
     dense_soft_argmax,
-    pixels_to_cells,
     sample_keypoint_features,
     window_soft_argmax,
 )
-from sm_train.model.simplematch import SimpleMatch
+from sm_model.pixels import cells_to_pixels, pixels_to_cells
+from sm_model.simplematch import SimpleMatch
 
 MEMORY_MODES = ("dense", "dense-rows", "window", "window+sparse", "no-matching")
 DECODER_WIDTHS = (768, 512, 384, 256, 128)

@@ -32,8 +32,8 @@ from pipelines.reader import pair_dataset
 from pipelines.schema import PairSample
 from pipelines.storage import Location
 from sm_eval import figures
-from sm_eval.checkpoints import Checkpoint, read_checkpoints
-from sm_eval.pck import RULES, KeypointRecords, frame_square, from_resized_square, keypoint_hits
+from sm_eval.checkpoints import CheckpointFile, read_checkpoint_files
+from sm_eval.pck import RULES, KeypointRecords, frame_square, keypoint_hits
 from sm_eval.plan import SplitPlan, read_split_plan, sample_pairs
 from sm_eval.report import (
     build_report,
@@ -44,6 +44,7 @@ from sm_eval.report import (
     table_alpha,
 )
 from sm_eval.runner import EvalSettings, predict_split
+from sm_model.pixels import from_resized_square
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ def evaluate(request: EvalRequest) -> dict[str, Any]:
         len(plan.shard_counts),
         list(plan.datasets),
     )
-    checkpoints = read_checkpoints(request.checkpoints, request.endpoint_url)
+    checkpoints = read_checkpoint_files(request.checkpoints, request.endpoint_url)
     settings, gpus = _resolve_device(request)
     records: dict[str, KeypointRecords] = {}
     timings: dict[str, float] = {}
@@ -147,7 +148,7 @@ def _resolve_device(request: EvalRequest) -> tuple[EvalSettings, float]:
 def _report(
     request: EvalRequest,
     plan: SplitPlan,
-    checkpoints: Sequence[Checkpoint],
+    checkpoints: Sequence[CheckpointFile],
     records: Mapping[str, KeypointRecords],
     timings: Mapping[str, float],
     settings: EvalSettings,

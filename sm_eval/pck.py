@@ -1,7 +1,7 @@
 """The PCK protocol: thresholds, hits, per-keypoint records and their aggregation.
 
 This module is the only place the protocol is defined. Training validation and ``sm_eval`` both use it.
-Everything here is plain numpy.
+Everything here is plain numpy; the resize convention is :mod:`sm_model.pixels`'s.
 
 Protocol
 --------
@@ -16,7 +16,7 @@ Protocol
     PF-WILLOW code also took min/max over ``-1`` padding, which inflated the threshold.
 * Frame: by default, distances and thresholds are measured in the original image. The
   ``resized`` frame reproduces older papers. Predictions, ground truth and the threshold base all
-  move into the anisotropically resized ``S x S`` image (:func:`to_resized_square`). There, a
+  move into the anisotropically resized ``S x S`` image (:func:`sm_model.pixels.to_resized_square`). There, a
   bbox base is measured on the resized box, and the ``img`` base is ``S``.
 * Averages (:func:`summarize`):
   * *per image* is the mean over pairs of each pair's fraction of correct keypoints.
@@ -32,26 +32,12 @@ from typing import Any, Literal
 import numpy as np
 
 from pipelines.schema import THRESHOLD_KINDS
+from sm_model.pixels import to_resized_square
 
 Rule = Literal["<=", "<"]
 Frame = Literal["original", "resized"]
 RULES: tuple[str, ...] = ("<=", "<")
 FLAG_COLUMNS: tuple[str, ...] = ("viewpoint_variation", "scale_variation", "truncation", "occlusion")
-
-
-def to_resized_square(points: np.ndarray, size_wh: tuple[int, int], square: int) -> np.ndarray:
-    """Map ``points`` ``(..., 2)`` from an image of size ``(W, H)`` into the same image resized
-    anisotropically to ``square x square``, using pixel-centre alignment:
-    ``x' = (x + 0.5) * S / W - 0.5``, and ``y`` likewise with ``H``. Returns ``(..., 2)`` float64."""
-    scale = np.array([square / size_wh[0], square / size_wh[1]], dtype=np.float64)
-    return (np.asarray(points, dtype=np.float64) + 0.5) * scale - 0.5
-
-
-def from_resized_square(points: np.ndarray, size_wh: tuple[int, int], square: int) -> np.ndarray:
-    """Inverse of :func:`to_resized_square`: ``(..., 2)`` points of the ``square x square`` frame
-    back to the ``(W, H)`` image, ``x = (x' + 0.5) * W / S - 0.5``. Returns ``(..., 2)`` float64."""
-    scale = np.array([size_wh[0] / square, size_wh[1] / square], dtype=np.float64)
-    return (np.asarray(points, dtype=np.float64) + 0.5) * scale - 0.5
 
 
 def frame_square(frame: str) -> int | None:

@@ -20,8 +20,9 @@ from pipelines.reader import pair_dataset
 from pipelines.schema import PairSample
 from pipelines.storage import Location
 from sm_eval.pck import FLAG_COLUMNS, Frame, KeypointRecords, records_for_pair
-from sm_train.data import PairBatch, PreparedPair, collate_pairs, normalize_images, prepare_pair, stream_loader
-from sm_train.model import SimpleMatch
+from sm_model.batches import PairBatch, PreparedPair, collate_pairs, prepare_pair, stream_loader
+from sm_model.pixels import normalize_images
+from sm_model.simplematch import SimpleMatch
 
 
 def predict_batch(model: SimpleMatch, batch: PairBatch, autocast_dtype: torch.dtype | None = None):

@@ -29,10 +29,11 @@ import torch
 from tqdm import tqdm
 
 from pipelines.storage import Location
-from sm_eval.checkpoints import Checkpoint, load_model
+from sm_eval.checkpoints import CheckpointFile
 from sm_eval.pck import Frame, KeypointRecords
 from sm_eval.plan import SplitPlan, assign_shards, canonical_order, check_coverage
 from sm_eval.predict import batch_records, eval_batches
+from sm_model.checkpoint import load_model
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,8 @@ def worker_records(
     with torch_threads(settings.threads):
         device = torch.device(settings.device)
         started = time.perf_counter()
-        model = load_model(checkpoint, settings.image_size).to(device)
+        overrides = {} if settings.image_size is None else {"image_size": settings.image_size}
+        model = load_model(checkpoint, **overrides).eval().to(device)
         log.info("model loaded on %s in %.1f s; reading %d shards", device, time.perf_counter() - started, len(names))
         batches = eval_batches(
             shards,
@@ -104,7 +106,7 @@ def worker_records(
 
 
 def predict_split(
-    checkpoint: Checkpoint,
+    checkpoint: CheckpointFile,
     plan: SplitPlan,
     settings: EvalSettings,
     *,
@@ -146,7 +148,7 @@ def predict_split(
 
 
 def _run_ray(
-    checkpoint: Checkpoint,
+    checkpoint: CheckpointFile,
     plan: SplitPlan,
     settings: EvalSettings,
     workers: int,

@@ -16,7 +16,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from sm_train.config import ConfigError, TrainConfig, config_keys, dump_yaml, load_config
+from sm_train.config import (
+    SELECTION_ALPHA,
+    SELECTION_METRIC,
+    ConfigError,
+    TrainConfig,
+    config_keys,
+    dump_yaml,
+    load_config,
+)
 from sm_train.trainer import build_trainer, resolve_paths
 
 logger = logging.getLogger("sm_train")
@@ -66,10 +74,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     logger.info("finished: %s", json.dumps(summary, default=str))
     metrics = result.metrics or {}
-    if "val/pck@0.1" in metrics:
+    if SELECTION_METRIC in metrics:
+        initial = metrics.get(SELECTION_METRIC.replace("val/", "val_initial/"), float("nan"))
         print(
-            f"val PCK@0.1 (per image): before training {metrics.get('val_initial/pck@0.1', float('nan')):.4f}, "
-            f"after epoch {metrics['epoch']} {metrics['val/pck@0.1']:.4f}; best checkpoint {summary['best_checkpoint']}"
+            f"val PCK@{SELECTION_ALPHA:g} (per image): before training {initial:.4f}, "
+            f"after epoch {metrics['epoch']} {metrics[SELECTION_METRIC]:.4f}; best checkpoint {summary['best_checkpoint']}"
         )
     if args.result_json:
         args.result_json.write_text(json.dumps(summary, indent=2, default=str))
@@ -77,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _best_checkpoint_path(result) -> str | None:
-    scored = [(metrics.get("val/pck@0.1"), checkpoint.path) for checkpoint, metrics in result.best_checkpoints]
+    scored = [(metrics.get(SELECTION_METRIC), checkpoint.path) for checkpoint, metrics in result.best_checkpoints]
     scored = [(score, path) for score, path in scored if score is not None and score == score]
     return max(scored)[1] if scored else None
 

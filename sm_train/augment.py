@@ -8,7 +8,7 @@ Coordinates
 -----------
 Keypoints and bboxes are ``(x, y)`` pixels of the network input, pixel ``(0, 0)`` centred at
 ``(0.0, 0.0)``: an ``H x W`` image covers ``[-0.5, W - 0.5] x [-0.5, H - 0.5]`` (the project
-convention, see :mod:`sm_train.model.matching`). Every geometric step is one ``3 x 3`` matrix in this
+convention, see :mod:`sm_model.pixels`). Every geometric step is one ``3 x 3`` matrix in this
 frame, source pixels to output pixels. This is also kornia's pixel frame (integer = pixel centre),
 so :func:`kornia.geometry.transform.warp_affine` applies exactly the same matrix to the image: no
 ``align_corners`` or half-pixel correction is needed on top, and the keypoints are moved by that
@@ -66,84 +66,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import kornia
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sm_train.data import PairBatch
-
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    """Every probability and range of :class:`PairAugmentation`; defaults are the official values.
-
-    ``enabled=False`` turns the whole augmentation off (the inputs are returned as they are).
-    Probabilities are per image. Plain types only, so the config loads from YAML
-    (:mod:`sm_train.config`).
-
-    Pairs: ``exchange_p`` (swap source and target; official PF-PASCAL 0.5, otherwise 0).
-    Geometry: ``crop_p`` (crop keeping the object bbox, resized back), ``rotation_p`` with
-    ``rotation_degrees`` (angle ``U(-d, d)``; ``wide_rotation_degrees`` instead for the
-    categories in ``wide_rotation_categories``, official ``[bottle]`` and 180) and
-    ``rotation_expand`` (grow the canvas to fit, then resize back, as the official code; ``False``
-    keeps the canvas). Appearance: ``grayscale_p``;
-    ``posterize_p``, ``posterize_bits`` (bits kept, 0..8); ``equalize_p``; ``sharpen_p`` with the
-    ``(low, high)`` ranges ``sharpen_alpha`` (blend with the identity kernel) and
-    ``sharpen_lightness``; ``brightness_contrast_p`` with ``brightness_limit`` (additive, in
-    ``[0, 1]`` intensity) and ``contrast_limit`` (multiplicative, around 1); ``solarize_p`` with
-    ``solarize_threshold`` (official 128 / 255 on 8-bit images); ``color_jitter_p`` with the
-    torchvision-style ``jitter_brightness``, ``jitter_contrast``, ``jitter_saturation`` (factors in
-    ``[1 - v, 1 + v]``) and ``jitter_hue`` (shift in ``[-v, v]`` of the hue circle, ``v <= 0.5``).
-    """
-
-    enabled: bool = True
-    exchange_p: float = 0.0
-    crop_p: float = 0.5
-    rotation_p: float = 0.5
-    rotation_degrees: float = 30.0
-    wide_rotation_categories: tuple[str, ...] = ()
-    wide_rotation_degrees: float = 180.0
-    rotation_expand: bool = True
-    grayscale_p: float = 0.1
-    posterize_p: float = 0.2
-    posterize_bits: int = 4
-    equalize_p: float = 0.2
-    sharpen_p: float = 0.2
-    sharpen_alpha: tuple[float, float] = (0.2, 0.5)
-    sharpen_lightness: tuple[float, float] = (0.5, 1.0)
-    brightness_contrast_p: float = 0.2
-    brightness_limit: float = 0.2
-    contrast_limit: float = 0.2
-    solarize_p: float = 0.2
-    solarize_threshold: float = 0.5
-    color_jitter_p: float = 0.2
-    jitter_brightness: float = 0.2
-    jitter_contrast: float = 0.2
-    jitter_saturation: float = 0.2
-    jitter_hue: float = 0.2
-
-    def __post_init__(self) -> None:
-        for field in dataclasses.fields(self):
-            if field.name.endswith("_p") and not 0.0 <= getattr(self, field.name) <= 1.0:
-                raise ValueError(f"{field.name} must be a probability in [0, 1], got {getattr(self, field.name)}")
-        if not 0 <= self.posterize_bits <= 8:
-            raise ValueError(f"posterize_bits must be in 0..8, got {self.posterize_bits}")
-        for name in ("sharpen_alpha", "sharpen_lightness"):
-            low, high = getattr(self, name)
-            if not 0.0 <= low <= high:
-                raise ValueError(f"{name} must be a range 0 <= low <= high, got {(low, high)}")
-        if self.sharpen_alpha[1] > 1.0:
-            raise ValueError(f"sharpen_alpha must lie in [0, 1], got {self.sharpen_alpha}")
-        ranges = ("rotation_degrees", "wide_rotation_degrees", "brightness_limit", "contrast_limit")
-        for name in (*ranges, "jitter_brightness", "jitter_contrast", "jitter_saturation", "jitter_hue"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
-        if self.jitter_hue > 0.5:
-            raise ValueError(f"jitter_hue must be at most 0.5 (half the hue circle), got {self.jitter_hue}")
-
+from sm_model.batches import PairBatch
+from sm_train.config import AugmentConfig
 
 # --- geometry: pure functions on per-sample 3x3 matrices (source pixels -> output pixels) ---------
 

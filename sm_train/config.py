@@ -12,17 +12,17 @@ Sweeps (``sm_train.tune``) use the same dotted paths.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, get_type_hints
 
 import yaml
 
-from sm_train.augment import AugmentConfig
-from sm_train.model.config import ModelConfig
+from sm_model.config import ConfigError, ModelConfig, from_dict, to_dict
+
+SELECTION_ALPHA = 0.1
+"""Validation PCK at this alpha (per image) ranks checkpoints and sweep trials."""
 
 Precision = Literal["auto", "bf16", "fp32"]
 OptimizerName = Literal["adam", "adamw", "sgd"]
@@ -47,6 +47,74 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class AugmentConfig:
+    """Every probability and range of :class:`sm_train.augment.PairAugmentation`; defaults are the official values.
+
+    ``enabled=False`` turns the whole augmentation off (the inputs are returned as they are).
+    Probabilities are per image.
+
+    Pairs: ``exchange_p`` (swap source and target; official PF-PASCAL 0.5, otherwise 0).
+    Geometry: ``crop_p`` (crop keeping the object bbox, resized back), ``rotation_p`` with
+    ``rotation_degrees`` (angle ``U(-d, d)``; ``wide_rotation_degrees`` instead for the
+    categories in ``wide_rotation_categories``, official ``[bottle]`` and 180) and
+    ``rotation_expand`` (grow the canvas to fit, then resize back, as the official code; ``False``
+    keeps the canvas). Appearance: ``grayscale_p``;
+    ``posterize_p``, ``posterize_bits`` (bits kept, 0..8); ``equalize_p``; ``sharpen_p`` with the
+    ``(low, high)`` ranges ``sharpen_alpha`` (blend with the identity kernel) and
+    ``sharpen_lightness``; ``brightness_contrast_p`` with ``brightness_limit`` (additive, in
+    ``[0, 1]`` intensity) and ``contrast_limit`` (multiplicative, around 1); ``solarize_p`` with
+    ``solarize_threshold`` (official 128 / 255 on 8-bit images); ``color_jitter_p`` with the
+    torchvision-style ``jitter_brightness``, ``jitter_contrast``, ``jitter_saturation`` (factors in
+    ``[1 - v, 1 + v]``) and ``jitter_hue`` (shift in ``[-v, v]`` of the hue circle, ``v <= 0.5``).
+    """
+
+    enabled: bool = True
+    exchange_p: float = 0.0
+    crop_p: float = 0.5
+    rotation_p: float = 0.5
+    rotation_degrees: float = 30.0
+    wide_rotation_categories: tuple[str, ...] = ()
+    wide_rotation_degrees: float = 180.0
+    rotation_expand: bool = True
+    grayscale_p: float = 0.1
+    posterize_p: float = 0.2
+    posterize_bits: int = 4
+    equalize_p: float = 0.2
+    sharpen_p: float = 0.2
+    sharpen_alpha: tuple[float, float] = (0.2, 0.5)
+    sharpen_lightness: tuple[float, float] = (0.5, 1.0)
+    brightness_contrast_p: float = 0.2
+    brightness_limit: float = 0.2
+    contrast_limit: float = 0.2
+    solarize_p: float = 0.2
+    solarize_threshold: float = 0.5
+    color_jitter_p: float = 0.2
+    jitter_brightness: float = 0.2
+    jitter_contrast: float = 0.2
+    jitter_saturation: float = 0.2
+    jitter_hue: float = 0.2
+
+    def __post_init__(self) -> None:
+        for name in (f.name for f in fields(self)):
+            if name.endswith("_p") and not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
+        if not 0 <= self.posterize_bits <= 8:
+            raise ValueError(f"posterize_bits must be in 0..8, got {self.posterize_bits}")
+        for name in ("sharpen_alpha", "sharpen_lightness"):
+            low, high = getattr(self, name)
+            if not 0.0 <= low <= high:
+                raise ValueError(f"{name} must be a range 0 <= low <= high, got {(low, high)}")
+        if self.sharpen_alpha[1] > 1.0:
+            raise ValueError(f"sharpen_alpha must lie in [0, 1], got {self.sharpen_alpha}")
+        ranges = ("rotation_degrees", "wide_rotation_degrees", "brightness_limit", "contrast_limit")
+        for name in (*ranges, "jitter_brightness", "jitter_contrast", "jitter_saturation", "jitter_hue"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
+        if self.jitter_hue > 0.5:
+            raise ValueError(f"jitter_hue must be at most 0.5 (half the hue circle), got {self.jitter_hue}")
+
+
+@dataclass(frozen=True)
 class OptimConfig:
     """Optimizer and the per-iteration step schedule: the learning rate is multiplied by
     ``lr_gamma`` every ``lr_step_iterations`` optimizer steps (the official schedule).
@@ -67,7 +135,7 @@ class LoopConfig:
     ``precision``: ``auto`` is bfloat16 autocast on GPU and float32 on CPU.
     ``checkpoint_every_steps``: extra mid-epoch checkpoints (0: at the end of each epoch only).
     ``max_steps_per_epoch`` shortens epochs for smoke runs (``None``: the whole split).
-    ``val_alphas``: PCK thresholds reported each epoch (0.1 picks the best checkpoint)."""
+    ``val_alphas``: PCK thresholds reported each epoch; they must hold :data:`SELECTION_ALPHA`."""
 
     epochs: int = 10
     batch_size: int = 8
@@ -78,6 +146,13 @@ class LoopConfig:
     max_steps_per_epoch: int | None = None
     val_alphas: tuple[float, ...] = (0.05, 0.1, 0.15)
 
+    def __post_init__(self) -> None:
+        if SELECTION_ALPHA not in self.val_alphas:
+            raise ValueError(
+                f"val_alphas {list(self.val_alphas)} must hold {SELECTION_ALPHA}: "
+                f"{SELECTION_METRIC} ranks the checkpoints"
+            )
+
 
 @dataclass(frozen=True)
 class RunSettings:
@@ -86,7 +161,7 @@ class RunSettings:
     again with the same pair continues it. ``storage_endpoint_url`` for S3-compatible stores.
     ``num_workers`` training workers, each with ``cpus_per_worker`` CPUs and one GPU when
     ``use_gpu``; ``max_failures`` worker-group restarts from the last checkpoint;
-    ``keep_checkpoints`` best checkpoints kept by val PCK@0.1 (the latest is always kept too)."""
+    ``keep_checkpoints`` best checkpoints kept by :data:`SELECTION_METRIC` (the latest is always kept too)."""
 
     name: str = "simplematch"
     storage_path: str = "runs"
@@ -110,8 +185,13 @@ class TrainConfig:
     run: RunSettings = field(default_factory=RunSettings)
 
 
-class ConfigError(ValueError):
-    """A configuration that does not fit :class:`TrainConfig`; the message names the source and key."""
+def val_metric(alpha: float, per_keypoint: bool = False) -> str:
+    """The name training reports validation PCK at ``alpha`` under: ``val/pck@0.1`` per image,
+    ``val/pck_kp@0.1`` per keypoint."""
+    return f"val/pck{'_kp' if per_keypoint else ''}@{alpha:g}"
+
+
+SELECTION_METRIC = val_metric(SELECTION_ALPHA)
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
@@ -158,11 +238,6 @@ def set_dotted(document: dict[str, Any], key: str, value: Any, source: str) -> N
     node[leaf] = value
 
 
-def to_dict(config: Any) -> dict[str, Any]:
-    """The config as plain YAML-ready types (tuples become lists); :func:`from_dict` inverts it."""
-    return _plain(dataclasses.asdict(config))
-
-
 def dump_yaml(config: TrainConfig) -> str:
     """The config as YAML text that :func:`load_config` reads back to an equal config."""
     return yaml.safe_dump(to_dict(config), sort_keys=False)
@@ -178,92 +253,3 @@ def config_keys(cls: type = TrainConfig, prefix: str = "") -> list[str]:
         else:
             keys.append(f"{prefix}{f.name}")
     return keys
-
-
-def from_dict(cls: type, document: Mapping[str, Any], source: str, where: str = "") -> Any:
-    """Build dataclass ``cls`` from ``document``, checking every key and value against the field types."""
-    if not isinstance(document, Mapping):
-        raise ConfigError(f"{source}: {where or 'top level'} must be a mapping, got {document!r}")
-    hints = get_type_hints(cls)
-    names = [f.name for f in fields(cls)]
-    unknown = [key for key in document if key not in names]
-    if unknown:
-        key = unknown[0]
-        close = difflib.get_close_matches(str(key), names, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"{source}: unknown key {where + str(key)!r}{hint}; {where.rstrip('.') or 'top level'} accepts {names}")
-    values = {}
-    for name, value in document.items():
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            values[name] = from_dict(hint, value or {}, source, f"{where}{name}.")
-        else:
-            values[name] = _coerce(value, hint, source, where + name)
-    try:
-        return cls(**values)
-    except (TypeError, ValueError) as error:  # a dataclass's own checks (__post_init__)
-        raise ConfigError(f"{source}: {where.rstrip('.') or 'top level'}: {error}") from None
-
-
-def _coerce(value: Any, hint: Any, source: str, key: str) -> Any:
-    origin, args = get_origin(hint), get_args(hint)
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for option in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, option, source, key)
-            except ConfigError as error:
-                errors.append(str(error))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{source}: {key}={value!r} fits none of {hint}")
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{source}: {key}={value!r} is not one of {list(args)}")
-        return value
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{source}: {key} must be a list, got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], source, f"{key}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise ConfigError(f"{source}: {key} must have {len(args)} items, got {value!r}")
-        return tuple(_coerce(v, a, source, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{source}: {key} must be an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, str):
-            value = _float_or_none(value)  # YAML 1.1 reads "1e-4" (no dot) as a string
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{source}: {key} must be a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{source}: {key} must be a string, got {value!r}")
-        return value
-    if hint is type(None):
-        if value is not None:
-            raise ConfigError(f"{source}: {key} must be null, got {value!r}")
-        return None
-    raise ConfigError(f"{source}: {key} has an unsupported type {hint}")
-
-
-def _float_or_none(text: str) -> float | str:
-    try:
-        return float(text)
-    except ValueError:
-        return text
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value

@@ -7,7 +7,7 @@ validate their share of the val shards; rank 0 scores the gathered per-keypoint 
 carry the position in the epoch, so a restarted worker group (``FailureConfig``) or a resubmitted
 run (same ``name`` and ``storage_path``) continues exactly where the last checkpoint left off.
 
-A checkpoint directory holds ``model.pt`` (:func:`sm_train.model.save_checkpoint`, full weights,
+A checkpoint directory holds ``model.pt`` (:func:`sm_model.save_checkpoint`, full weights,
 loadable by ``sm_eval``), ``train_state.pt`` (optimizer, scheduler, position) and ``config.yaml``.
 """
 
@@ -35,16 +35,18 @@ from pipelines.reader import split_shards
 from pipelines.storage import Location
 from sm_eval.pck import KeypointRecords, summarize
 from sm_eval.predict import predict_records
+from sm_model.batches import PairBatch
+from sm_model.checkpoint import MODEL_FILE, load_checkpoint, save_checkpoint
+from sm_model.config import from_dict
+from sm_model.pixels import normalize_images, original_to_input_pixels
+from sm_model.simplematch import SimpleMatch
 from sm_train.augment import PairAugmentation
-from sm_train.config import OptimConfig, TrainConfig, dump_yaml, from_dict
-from sm_train.data import PairBatch, normalize_images, pair_batches, plan_epoch
-from sm_train.model import SimpleMatch, load_checkpoint, save_checkpoint
-from sm_train.model.simplematch import original_to_input_pixels
+from sm_train.config import SELECTION_METRIC, OptimConfig, TrainConfig, dump_yaml, val_metric
+from sm_train.data import pair_batches, plan_epoch
 
 logger = logging.getLogger("sm_train")
 
-SELECTION_METRIC = "val/pck@0.1"
-MODEL_FILE, STATE_FILE, CONFIG_FILE = "model.pt", "train_state.pt", "config.yaml"
+STATE_FILE, CONFIG_FILE = "train_state.pt", "config.yaml"
 
 
 @dataclass
@@ -96,7 +98,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if position.global_step == 0:
         position.initial_val = {
             key.replace("val/", "val_initial/"): value
-            for key, value in validate(model, shards, val_shards, config, device, autocast_dtype).items()
+            for key, value in validation_metrics(model, shards, val_shards, config, device, autocast_dtype).items()
         }
         if rank == 0:
             logger.info("val before training: %s", _format_metrics(position.initial_val))
@@ -147,7 +149,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
         throughput = (position.step - first_step) * config.train.batch_size * world_size / (time.perf_counter() - epoch_start)
         audit = audit_epoch(seen, trained if world_size > 1 else None)
-        val = validate(model, shards, val_shards, config, device, autocast_dtype)
+        val = validation_metrics(model, shards, val_shards, config, device, autocast_dtype)
         position.epoch, position.step = epoch + 1, 0
         metrics = {
             **val,
@@ -211,7 +213,7 @@ def build_optimizer(config: OptimConfig, parameters: list[nn.Parameter]) -> torc
     return torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
 
 
-def validate(
+def validation_metrics(
     model: SimpleMatch,
     shards: Location,
     val_shards: list[str],
@@ -239,8 +241,8 @@ def validate(
     summary = summarize(KeypointRecords.concat(records), config.train.val_alphas)["overall"]
     metrics = {}
     for alpha, per_image, per_keypoint in zip(config.train.val_alphas, summary["per_image"], summary["per_keypoint"]):
-        metrics[f"val/pck@{alpha:g}"] = per_image
-        metrics[f"val/pck_kp@{alpha:g}"] = per_keypoint
+        metrics[val_metric(alpha)] = per_image
+        metrics[val_metric(alpha, per_keypoint=True)] = per_keypoint
     metrics["val/pairs"] = summary["n_pairs"]
     return metrics
 

@@ -12,8 +12,8 @@ import pyarrow.fs
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from sm_train.config import TrainConfig, to_dict
-from sm_train.loop import SELECTION_METRIC, train_loop_per_worker
+from sm_train.config import SELECTION_METRIC, TrainConfig, to_dict
+from sm_train.loop import train_loop_per_worker
 
 
 def build_trainer(config: TrainConfig, callbacks: list | None = None) -> TorchTrainer:

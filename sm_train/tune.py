@@ -40,6 +40,8 @@ from typing import Any
 import yaml
 
 from sm_train.config import (
+    SELECTION_ALPHA,
+    SELECTION_METRIC,
     ConfigError,
     TrainConfig,
     config_keys,
@@ -50,10 +52,12 @@ from sm_train.config import (
     set_dotted,
     to_dict,
 )
-from sm_train.loop import SELECTION_METRIC
 from sm_train.trainer import build_trainer, resolve_paths, storage_location
 
 logger = logging.getLogger("sm_train.tune")
+
+BEST_COLUMN = f"best_pck@{SELECTION_ALPHA:g}"
+"""The results table's column of each trial's best :data:`~sm_train.config.SELECTION_METRIC`."""
 
 SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
 
@@ -195,22 +199,22 @@ def summarize_results(results, base: TrainConfig, spec: SweepSpec, out: Path) ->
             {
                 "trial": Path(result.path).name,
                 **{key: _cell(value) for key, value in values.items()},
-                "best_pck@0.1": float(max(scores)) if len(scores) else math.nan,
+                BEST_COLUMN: float(max(scores)) if len(scores) else math.nan,
                 "epochs": float(history["epoch"].max()) if history is not None and "epoch" in history else 0.0,
                 "error": repr(result.error) if result.error else "",
             }
         )
-    table = pd.DataFrame(rows).sort_values("best_pck@0.1", ascending=False, na_position="last")
+    table = pd.DataFrame(rows).sort_values(BEST_COLUMN, ascending=False, na_position="last")
     out.mkdir(parents=True, exist_ok=True)
     table.to_parquet(out / "results.parquet", index=False)
     (out / "results.md").write_text(_markdown(table))
-    if table["best_pck@0.1"].isna().all():
+    if table[BEST_COLUMN].isna().all():
         raise RuntimeError(f"no trial of the sweep reported {SELECTION_METRIC}; see {out / 'results.md'}")
     best = table.iloc[0]
     best_values = next(r.config["values"] for r in results if Path(r.path).name == best["trial"])
     best_config = trial_config(base, best_values, f"{base.run.name}-best")
     (out / "best_config.yaml").write_text(
-        f"# Best trial {best['trial']} of the sweep: val PCK@0.1 {best['best_pck@0.1']:.4f}\n" + dump_yaml(best_config)
+        f"# Best trial {best['trial']} of the sweep: val PCK@{SELECTION_ALPHA:g} {best[BEST_COLUMN]:.4f}\n" + dump_yaml(best_config)
     )
     _plot(table, list(spec.space), out)
     return best.to_dict()
@@ -262,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     local = "://" not in base.run.storage_path
     out = args.out or (Path(base.run.storage_path) / name if local else Path("sweeps-out") / name)
     best = summarize_results(results, base, spec, out)
-    print(f"best trial {best['trial']}: val PCK@0.1 {best['best_pck@0.1']:.4f}; results in {out}")
+    print(f"best trial {best['trial']}: val PCK@{SELECTION_ALPHA:g} {best[BEST_COLUMN]:.4f}; results in {out}")
     if not local:
         print(f"and in {publish_results(out, base, name)}")
     print(f"train it: python -m sm_train --config {out / 'best_config.yaml'}")
@@ -309,12 +313,12 @@ def _plot(table, keys: list[str], out: Path) -> None:
         values = table[key]
         numeric = all(isinstance(v, (int, float)) for v in values)
         positions = values if numeric else [sorted(set(map(str, values))).index(str(v)) for v in values]
-        axis.scatter(positions, table["best_pck@0.1"], color="tab:blue")
+        axis.scatter(positions, table[BEST_COLUMN], color="tab:blue")
         if not numeric:
             labels = sorted(set(map(str, values)))
             axis.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=7)
         axis.set_xlabel(key)
-        axis.set_ylabel("best val PCK@0.1")
+        axis.set_ylabel(f"best val PCK@{SELECTION_ALPHA:g}")
         axis.grid(alpha=0.3)
         figure.tight_layout()
         figure.savefig(out / f"pck_vs_{key.replace('.', '_')}.png", dpi=120)

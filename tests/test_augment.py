@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sm_model.batches import PairBatch
 from sm_train.augment import (
-    AugmentConfig,
     PairAugmentation,
     brightness_contrast,
     crop_resize_matrix,
@@ -26,7 +26,7 @@ from sm_train.augment import (
     transform_keypoints,
     warp_images,
 )
-from sm_train.data import PairBatch
+from sm_train.config import AugmentConfig
 
 S = 64
 # Probabilities of the per-image steps (the pair-level exchange_p is tested on its own).

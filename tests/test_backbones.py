@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from sm_train.model.backbones import (
+from sm_model.backbones import (
     BACKBONES,
     Backbone,
     ViTBackbone,
@@ -25,8 +25,8 @@ from sm_train.model.backbones import (
     load_ibot_teacher,
     resample_positions_official,
 )
-from sm_train.model.config import ModelConfig
-from sm_train.model.lora import LoRALinear
+from sm_model.config import ModelConfig
+from sm_model.lora import LoRALinear
 
 GIANTS = ("dinov2_vitg14", "dinov2_vitg14_reg4")
 TEST_SIZES = {14: (28, 42), 16: (32, 48), 32: (64, 96)}  # two input sides per size multiple
@@ -434,8 +434,8 @@ def test_ibot_mismatch_names_the_keys(ibot_source: nn.Module, tmp_path: Path) ->
     with pytest.raises(ValueError) as error:
         load_ibot_teacher(_ibot_target(depth=2), tmp_path / "teacher.pth")
     message = str(error.value)
-    assert "missing keys (1): blocks.1.norm1.weight" in message
-    assert "unexpected keys (1): blocks.1.gamma_1" in message
+    assert "missing keys (1): ['blocks.1.norm1.weight']" in message
+    assert "unexpected keys (1): ['blocks.1.gamma_1']" in message
     assert "pos_embed (1, 10, 768) != (1, 197, 768)" in message
 
 

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sm_train.model.config import ModelConfig
-from sm_train.model.decoder import ConvBlock, ResNetDecoder, ViTDecoder, build_decoder
+from sm_model.config import ModelConfig
+from sm_model.decoder import ConvBlock, ResNetDecoder, ViTDecoder, build_decoder
 
 RESNET_CHANNELS = (256, 512, 1024, 2048)
 

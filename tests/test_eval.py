@@ -25,13 +25,16 @@ from pipelines.reader import pair_dataset
 from pipelines.shard import shard_dataset
 from pipelines.storage import Location
 from sm_eval.__main__ import main
-from sm_eval.checkpoints import read_checkpoint
+from sm_eval.checkpoints import read_checkpoint_file
 from sm_eval.evaluate import EvalRequest, evaluate
-from sm_eval.pck import KeypointRecords, summarize, to_resized_square
+from sm_eval.pck import KeypointRecords, summarize
 from sm_eval.plan import canonical_order, read_split_plan
 from sm_eval.report import AVERAGE_LABELS, AVERAGES, percent
 from sm_eval.runner import EvalSettings, worker_records
-from sm_train.model import ModelConfig, SimpleMatch, save_checkpoint
+from sm_model.checkpoint import save_checkpoint
+from sm_model.config import ModelConfig
+from sm_model.pixels import to_resized_square
+from sm_model.simplematch import SimpleMatch
 from tests import ap10k_format as fmt
 from tests.conftest import REPO_ROOT
 from tests.report_tables import markdown_table
@@ -197,7 +200,7 @@ def test_s3_shards_s3_checkpoint_directory_and_two_models(
     assert table.filter(models == "tiny")["pred_x"] != table.filter(models == "checkpoint_000001")["pred_x"]
     assert sorted(out.list_files("matches")) == sorted(report["files"]["matches"])
     assert {path.split("/")[1].split("-")[0] for path in report["files"]["matches"]} == {"tiny", "checkpoint_000001"}
-    assert read_checkpoint(run_dir, "x", s3_endpoint).config["image_size"] == TINY.image_size
+    assert read_checkpoint_file(run_dir, "x", s3_endpoint).config["image_size"] == TINY.image_size
 
 
 @pytest.fixture(scope="module")

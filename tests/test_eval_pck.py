@@ -11,13 +11,12 @@ import torch
 from sm_eval.pck import (
     KeypointRecords,
     frame_square,
-    from_resized_square,
     records_for_pair,
     summarize,
-    to_resized_square,
 )
 from sm_eval.predict import batch_records
-from sm_train.data import PairMeta, PreparedPair, collate_pairs
+from sm_model.batches import PairMeta, PreparedPair, collate_pairs
+from sm_model.pixels import from_resized_square, to_resized_square
 
 
 def row_pair(key: str, category: str, kind: str, distances: list[float], size=(640, 480), bbox=(0, 0, 10, 10)):

@@ -1,11 +1,11 @@
-"""Keypoint losses on hand-computed distances (sm_train.model.loss)."""
+"""Keypoint losses on hand-computed distances (sm_model.loss)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from sm_train.model.loss import keypoint_loss, multiscale_loss
+from sm_model.loss import keypoint_loss, multiscale_loss
 
 
 def three_four_five() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Sparse matching and localization on small hand-computed maps (sm_train.model.matching)."""
+"""Sparse matching and localization on small hand-computed maps (sm_model.matching)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,14 @@ import math
 import pytest
 import torch
 
-from sm_train.model.matching import (
-    cells_to_pixels,
+from sm_model.matching import (
     cosine_similarity,
     dense_soft_argmax,
     localize,
-    pixels_to_cells,
     sample_keypoint_features,
     window_soft_argmax,
 )
+from sm_model.pixels import cells_to_pixels, pixels_to_cells
 
 LOW = -1.0  # the lowest cosine: exp((LOW - 1) / 0.02) underflows to 0 in float32
 SHARP = 0.02  # the official temperature

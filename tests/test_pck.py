@@ -11,8 +11,8 @@ from sm_eval.pck import (
     records_for_pair,
     summarize,
     threshold_base,
-    to_resized_square,
 )
+from sm_model.pixels import to_resized_square
 
 NO_KPS = np.zeros((0, 2))
 NO_VALID = np.zeros(0, dtype=bool)

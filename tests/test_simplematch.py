@@ -13,9 +13,12 @@ import pytest
 import torch
 from torch import nn
 
-from sm_train.model import ModelConfig, SimpleMatch, load_checkpoint, load_official_checkpoint, save_checkpoint
-from sm_train.model.backbones import BACKBONES, create_encoder
-from sm_train.model.loss import keypoint_loss
+from sm_model.backbones import BACKBONES, create_encoder
+from sm_model.checkpoint import load_checkpoint, load_model, save_checkpoint
+from sm_model.config import ModelConfig
+from sm_model.loss import keypoint_loss
+from sm_model.official import load_official_checkpoint
+from sm_model.simplematch import SimpleMatch
 
 TINY = ModelConfig(
     backbone="dinov2_vits14", image_size=56, decoder_channels=16, window_size=5, coarse_window_sizes=(None, 3)
@@ -192,7 +195,7 @@ def test_full_checkpoint_round_trip(tmp_path: Path) -> None:
     target = SimpleMatch(TINY)
     load_checkpoint(target, tmp_path / "full.pt")
     _assert_same_state(source, target)
-    rebuilt = SimpleMatch.from_checkpoint(tmp_path / "full.pt", window_size=7)
+    rebuilt = load_model(tmp_path / "full.pt", window_size=7)
     assert rebuilt.config == dataclasses.replace(TINY, window_size=7)
     _assert_same_state(source, rebuilt)
 
@@ -210,7 +213,7 @@ def test_trainable_only_checkpoint_round_trip(tmp_path: Path, tiny_weights: str)
     target = SimpleMatch(config)
     load_checkpoint(target, tmp_path / "lora.pt")
     _assert_same_state(source, target)  # the frozen rest came from the same weights file
-    _assert_same_state(source, SimpleMatch.from_checkpoint(tmp_path / "lora.pt"))
+    _assert_same_state(source, load_model(tmp_path / "lora.pt"))
     with pytest.raises(ValueError, match="frozen parameters would not be the ones"):
         load_checkpoint(SimpleMatch(TINY), tmp_path / "lora.pt")
 
@@ -222,7 +225,7 @@ def test_checkpoint_errors_name_keys_and_fields(tmp_path: Path) -> None:
     del checkpoint["state_dict"]["decoder.heads.fine.bias"]
     checkpoint["state_dict"]["decoder.extra"] = torch.zeros(1)
     torch.save(checkpoint, tmp_path / "edited.pt")
-    expected = r"missing keys \['decoder.heads.fine.bias'\], unexpected keys \['decoder.extra'\]"
+    expected = r"missing keys \(1\): \['decoder.heads.fine.bias'\]; unexpected keys \(1\): \['decoder.extra'\]"
     with pytest.raises(ValueError, match=expected):
         load_checkpoint(model, tmp_path / "edited.pt")
     with pytest.raises(ValueError, match="decoder_channels: checkpoint 16, model 8"):
@@ -280,7 +283,7 @@ def test_official_dinov2_lora_checkpoint(tmp_path: Path, caplog: pytest.LogCaptu
     torch.save(official, tmp_path / "best_model.pth")
 
     target = SimpleMatch(config)
-    with caplog.at_level(logging.INFO, logger="sm_train.model.simplematch"):
+    with caplog.at_level(logging.INFO, logger="sm_model.official"):
         load_official_checkpoint(target, tmp_path / "best_model.pth")
     assert "trans_conv2.bias" in caplog.text
     _assert_same_state(source, target)
@@ -290,7 +293,7 @@ def test_official_dinov2_lora_checkpoint(tmp_path: Path, caplog: pytest.LogCaptu
     del official["proj.bias"]
     official["conv_refine3.weight"] = torch.zeros(1)
     torch.save(official, tmp_path / "broken.pth")
-    expected = r"missing keys \['decoder.heads.fine.bias'\], unexpected keys \['conv_refine3.weight'\]"
+    expected = r"missing keys \(1\): \['decoder.heads.fine.bias'\]; unexpected keys \(1\): \['conv_refine3.weight'\]"
     with pytest.raises(ValueError, match=expected):
         load_official_checkpoint(target, tmp_path / "broken.pth")
     with torch.device("meta"):  # its weights are never read

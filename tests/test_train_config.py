@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from sm_model.simplematch import SimpleMatch
 from sm_train.config import ConfigError, TrainConfig, config_keys, dump_yaml, load_config
-from sm_train.model import SimpleMatch
 from sm_train.trainer import resolve_paths, storage_location
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))

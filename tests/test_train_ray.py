@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from pyarrow.fs import FileSelector
 
+from sm_model.checkpoint import load_model
 from sm_train.__main__ import main as sm_train_main
 from sm_train.config import TrainConfig, load_config
-from sm_train.model import SimpleMatch
 from sm_train.trainer import build_trainer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +62,7 @@ def test_two_workers_exact_epochs_identical_replicas_s3_and_continue(
     second = build_trainer(_config(demo_shards, storage, *settings, *more)).fit()
     assert second.metrics["step"] == 40 and second.metrics["epoch"] == 2 and second.metrics["resumes"] == 1
     with second.checkpoint.as_directory() as directory:
-        model = SimpleMatch.from_checkpoint(Path(directory) / "model.pt")
+        model = load_model(Path(directory) / "model.pt")
         assert model.config.backbone == "resnet18"
     events = second.checkpoint.filesystem.get_file_info(FileSelector(f"{storage.removeprefix('s3://')}/two/tensorboard"))
     assert any("tfevents" in info.path for info in events)

@@ -1,12 +1,7 @@
 """Sparse matching and window localization: pure functions on tensors, no parameters.
 
-Coordinates
------------
-Keypoints are ``(x, y)`` in pixels of the network input (S x S), pixel ``(0, 0)`` centred at
-``(0.0, 0.0)`` (the project convention of :mod:`pipelines.schema`). A stride-``s`` feature map cell
-``i`` covers pixels ``[s*i - 0.5, s*(i+1) - 0.5]`` and its centre is at pixel ``s*i + (s - 1)/2``;
-"cell coordinates" put the centre of cell ``j`` at ``j``. The official code maps cell ``i`` to pixel
-``s*i`` (the cell's corner) and leaves the network to learn the offset; we use the centre.
+Keypoints are ``(x, y)`` pixels of the network input (S x S) and cells are cell coordinates, both
+as :mod:`sm_model.pixels` defines them.
 
 Shapes: ``B`` pairs, ``N`` keypoints per pair (any number, padded ones included: callers mask them
 with their validity mask), ``C`` channels, ``h x w`` the target feature map.
@@ -20,17 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sm_model.pixels import pixels_to_cells
+
 KeypointSampling = Literal["bilinear", "nearest"]
-
-
-def pixels_to_cells(points: Tensor, stride: float) -> Tensor:
-    """Input pixels ``[..., 2]`` -> cell coordinates ``[..., 2]`` of a stride-``stride`` map."""
-    return (points - (stride - 1) / 2) / stride
-
-
-def cells_to_pixels(cells: Tensor, stride: float) -> Tensor:
-    """Cell coordinates ``[..., 2]`` of a stride-``stride`` map -> input pixels ``[..., 2]``."""
-    return cells * stride + (stride - 1) / 2
 
 
 def sample_keypoint_features(

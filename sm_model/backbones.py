@@ -10,7 +10,6 @@ at strides 4, 8, 16, 32."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -18,19 +17,15 @@ from typing import Literal
 import timm
 import torch
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
 
-from sm_train.model.config import FinetuneMode, ModelConfig, PositionResampling
-from sm_train.model.lora import apply_lora, mark_only_lora_trainable
+from sm_model.config import FinetuneMode, ModelConfig, PositionResampling
+from sm_model.lora import apply_lora, mark_only_lora_trainable
+from sm_model.state_dicts import StateDict, load_state_dict_strictly, read_state_dict
 
 logger = logging.getLogger(__name__)
 
-IMAGENET_MEAN: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN
-IMAGENET_STD: tuple[float, float, float] = IMAGENET_DEFAULT_STD
-
-StateDict = Mapping[str, torch.Tensor]
 CheckpointLayout = Literal["dinov2", "ibot", "resnet"]
 
 
@@ -142,7 +137,7 @@ class ViTBackbone(Backbone):
     """A timm VisionTransformer; ``forward`` returns ``[tokens [B, C, H/p, W/p]]``: the last
     block's patch tokens. The pretrained positional embedding keeps its native grid (37 x 37 for
     DINOv2, 14 x 14 for iBOT) and is resampled to the input's grid at each call, as
-    ``position_resampling`` says (see :class:`sm_train.model.config.ModelConfig`)."""
+    ``position_resampling`` says (see :class:`sm_model.config.ModelConfig`)."""
 
     def __init__(
         self, name: str, spec: BackboneSpec, encoder: nn.Module, position_resampling: PositionResampling = "official"
@@ -251,7 +246,7 @@ def _encoder_with_weights(name: str, spec: BackboneSpec, weights: str | None) ->
 def apply_finetune(backbone: Backbone, mode: FinetuneMode, num_blocks: int, lora_rank: int, lora_alpha: float) -> None:
     """Set which backbone parameters train. "frozen": none; "full": all; "last_blocks": those of
     the last ``num_blocks`` transformer blocks (ResNet: stages); "lora" (ViTs only): the MLP
-    ``fc2`` of the last ``num_blocks`` blocks becomes a :class:`~sm_train.model.lora.LoRALinear`
+    ``fc2`` of the last ``num_blocks`` blocks becomes a :class:`~sm_model.lora.LoRALinear`
     and only its ``lora_A``/``lora_B`` train."""
     if mode not in ("frozen", "lora", "last_blocks", "full"):
         raise ValueError(f"unknown finetune mode {mode!r}; expected frozen, lora, last_blocks or full")
@@ -295,20 +290,6 @@ def load_ibot_teacher(model: nn.Module, path: str | Path) -> None:
     load_local_weights(model, BACKBONES["ibot_vitb16"], path)
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors saved in ``path``: a bare state dict or one under "teacher", "state_dict" or
-    "model". Loaded with ``weights_only=True``, so no pickled code runs."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(checkpoint, dict):
-        for container in ("teacher", "state_dict", "model"):
-            if isinstance(checkpoint.get(container), dict):
-                checkpoint = checkpoint[container]
-                break
-    if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-        raise ValueError(f"{path} holds no state dict (names -> tensors)")
-    return checkpoint
-
-
 def ibot_to_timm(state_dict: StateDict) -> dict[str, torch.Tensor]:
     """iBOT/DINO teacher keys -> timm VisionTransformer keys. Block and embedding names already
     match timm's; only the ``module.`` and ``backbone.`` prefixes go, and with them everything
@@ -325,29 +306,3 @@ def ibot_to_timm(state_dict: StateDict) -> dict[str, torch.Tensor]:
             continue
         converted[key] = value
     return converted
-
-
-def load_state_dict_strictly(module: nn.Module, state_dict: StateDict, source: str) -> None:
-    """``module.load_state_dict(state_dict, strict=True)``, with a ValueError naming every
-    missing, unexpected and wrongly shaped key (first ten of each) when they do not match."""
-    expected = module.state_dict()
-    missing = sorted(expected.keys() - state_dict.keys())
-    unexpected = sorted(state_dict.keys() - expected.keys())
-    misshapen = [
-        f"{key} {tuple(state_dict[key].shape)} != {tuple(expected[key].shape)}"
-        for key in sorted(expected.keys() & state_dict.keys())
-        if state_dict[key].shape != expected[key].shape
-    ]
-    problems = [
-        f"{label} ({len(keys)}): {_first_ten(keys)}"
-        for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", misshapen))
-        if keys
-    ]
-    if problems:
-        raise ValueError(f"{source} does not match the model: " + "; ".join(problems))
-    module.load_state_dict(state_dict, strict=True)
-
-
-def _first_ten(names: Iterable[str]) -> str:
-    names = list(names)
-    return ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")

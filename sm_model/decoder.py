@@ -1,12 +1,12 @@
 """Upsampling decoders: backbone feature maps -> matching feature maps at 1/4 input resolution.
 
-Both decoders take the backbone's maps (finest first, as :class:`sm_train.model.backbones.Backbone`
+Both decoders take the backbone's maps (finest first, as :class:`sm_model.backbones.Backbone`
 returns them) and the network input's side ``S``, and return the maps the matcher compares, coarse
 to fine, each as a :class:`ScaleFeatures` ``(features [B, C, h, w], stride)``. Only the 1/4 map is
 returned unless the decoder is multi-scale.
 
 ``stride`` is ``S / h`` (a float): the cells of every returned map tile the input exactly, which is
-what :func:`sm_train.model.matching.pixels_to_cells` assumes. It is 4 at 252/256/448, 7 for the
+what :func:`sm_model.pixels.pixels_to_cells` assumes. It is 4 at 252/256/448, 7 for the
 first upsampled DINOv2 map and 14/16 for ViT tokens.
 
 Every map passes through a per-scale projection head, a ``Linear(C, C)`` over channels (the
@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sm_train.model.config import ModelConfig
+from sm_model.config import ModelConfig
 
 
 class ScaleFeatures(NamedTuple):

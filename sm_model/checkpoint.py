@@ -1,0 +1,194 @@
+"""The checkpoint file format: the one place that writes and reads SimpleMatch checkpoints.
+
+A checkpoint is a ``torch.save`` file holding ``{"format": "simplematch-v1", "config":
+dataclasses.asdict(ModelConfig), "trainable_only": bool, "state_dict": ...}``; a checkpoint
+directory (a Ray Train checkpoint) holds it as :data:`MODEL_FILE`. It is read with
+``weights_only=True``, so no pickled code runs. The released ``best_model.pth`` files have another
+layout: :mod:`sm_model.official`.
+
+    >>> save_checkpoint(model, "model.pt")
+    >>> model = load_model("model.pt", window_size=7)   # a run-time field overridden
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sm_model.config import ModelConfig, from_dict
+from sm_model.simplematch import SimpleMatch
+from sm_model.state_dicts import check_state
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "simplematch-v1"
+MODEL_FILE = "model.pt"
+"""The model file inside a checkpoint directory."""
+
+ARCHITECTURE_FIELDS = (
+    "backbone",
+    "finetune",
+    "finetune_blocks",
+    "lora_rank",
+    "lora_alpha",
+    "decoder_channels",
+    "multiscale",
+)
+"""Config fields that decide the parameters (their names, shapes, trainability or meaning): a
+checkpoint only loads into a model that agrees on all of them. The other fields (``weights``,
+``image_size``, dropout, windows, ``beta``, loss weights, keypoint sampling) are run-time
+settings that may legitimately differ, e.g. to evaluate with another window."""
+
+Source = str | Path | bytes
+"""A checkpoint file's path, or its bytes."""
+
+
+def trainable_state_keys(model: nn.Module) -> set[str]:
+    """The ``state_dict`` keys a trainable-only checkpoint holds: every parameter with
+    ``requires_grad``, plus the persistent buffers of every module that directly owns such a
+    parameter (e.g. a decoder BatchNorm's running mean/var and ``num_batches_tracked``; a frozen
+    backbone's BatchNorm statistics are left out with its weights)."""
+    state_keys = set(model.state_dict())
+    keys: set[str] = set()
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        trainable = [prefix + name for name, p in module.named_parameters(recurse=False) if p.requires_grad]
+        keys.update(trainable)
+        if trainable:
+            keys.update(prefix + name for name, _ in module.named_buffers(recurse=False) if prefix + name in state_keys)
+    return keys
+
+
+def save_checkpoint(model: SimpleMatch, path: str | Path, trainable_only: bool = False) -> None:
+    """Write ``model``'s config and weights to ``path`` (a local file, replaced atomically).
+
+    ``trainable_only`` keeps only :func:`trainable_state_keys` (for LoRA: the LoRA factors, the
+    decoder and its BatchNorm statistics; the frozen backbone is rebuilt from ``config.weights``).
+    Tensors are saved on the CPU."""
+    state = model.state_dict()
+    if trainable_only:
+        keep = trainable_state_keys(model)
+        state = {key: value for key, value in state.items() if key in keep}
+    checkpoint = {
+        "format": CHECKPOINT_FORMAT,
+        "config": dataclasses.asdict(model.config),
+        "trainable_only": trainable_only,
+        "state_dict": {key: value.detach().cpu() for key, value in state.items()},
+    }
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    torch.save(checkpoint, partial)
+    partial.replace(path)
+
+
+def read_checkpoint(source: Source, name: str | None = None) -> dict[str, Any]:
+    """The checkpoint in ``source`` as saved (tensors on the CPU), checked to be one of ours.
+    ``name`` names it in errors (default: the path). Raises ``FileNotFoundError`` for a missing
+    file and ``ValueError`` for anything that is not a :data:`CHECKPOINT_FORMAT` checkpoint."""
+    if isinstance(source, bytes):
+        name, file = name or "checkpoint bytes", io.BytesIO(source)
+    else:
+        name, file = name or str(source), Path(source)
+        if not file.is_file():
+            raise FileNotFoundError(f"no checkpoint at {source}")
+    try:
+        checkpoint = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for a file that is not a checkpoint
+        raise ValueError(f"{name} is not a readable torch checkpoint: {error}") from error
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(
+            f"{name} is not a {CHECKPOINT_FORMAT} checkpoint (save_checkpoint writes one; for a released "
+            "best_model.pth use sm_model.official.load_official_checkpoint)"
+        )
+    return checkpoint
+
+
+def saved_config(checkpoint: dict[str, Any], name: str = "checkpoint") -> ModelConfig:
+    """The :class:`ModelConfig` a :func:`read_checkpoint` result was saved with."""
+    return from_dict(ModelConfig, checkpoint["config"], f"{name} config")
+
+
+def load_checkpoint(model: SimpleMatch, source: Source, name: str | None = None) -> None:
+    """Load a :func:`save_checkpoint` file into ``model``, strictly.
+
+    A full checkpoint must hold exactly the keys of ``model.state_dict()``; a trainable-only one
+    exactly :func:`trainable_state_keys` of ``model``. Missing or unexpected keys, a differing
+    :data:`ARCHITECTURE_FIELDS` config field, or (trainable-only) frozen weights that would be random
+    on one side only raise ``ValueError`` naming them."""
+    name = name or (str(source) if not isinstance(source, bytes) else None)
+    _load_state(model, read_checkpoint(source, name), name or "checkpoint bytes")
+
+
+def load_model(source: Source, name: str | None = None, **overrides: Any) -> SimpleMatch:
+    """The model saved in ``source``, rebuilt from its config with its weights loaded (CPU, in
+    training mode as any new module). ``overrides`` replace config fields (run-time ones; see
+    :data:`ARCHITECTURE_FIELDS`).
+
+    A full checkpoint holds every weight, so the model is built on the meta device (no random
+    initialisation: seconds for a ViT-B) with ``weights=None`` and filled from the file. A
+    trainable-only one builds its frozen backbone from the saved ``weights`` (pass ``weights=``
+    where that file lives elsewhere), then loads the trainable part."""
+    name = name or (str(source) if not isinstance(source, bytes) else "checkpoint bytes")
+    checkpoint = read_checkpoint(source, name)
+    config = saved_config(checkpoint, name)
+    if checkpoint["trainable_only"]:
+        model = SimpleMatch(dataclasses.replace(config, **overrides))
+    else:
+        model = _empty_model(dataclasses.replace(config, weights=None, **overrides))
+    _load_state(model, checkpoint, name)
+    return model
+
+
+def _empty_model(config: ModelConfig) -> SimpleMatch:
+    """A model whose every state entry a full checkpoint overwrites: built on the meta device and
+    materialised uninitialised, unless it has buffers no checkpoint holds (they need their init)."""
+    with torch.device("meta"):
+        model = SimpleMatch(config)
+    unsaved = set(dict(model.named_buffers())) - set(model.state_dict())
+    if unsaved:
+        logger.debug("model has non-persistent buffers %s; building it with initialisation", sorted(unsaved))
+        return SimpleMatch(config)
+    return model.to_empty(device="cpu")
+
+
+def _load_state(model: SimpleMatch, checkpoint: dict[str, Any], name: str) -> None:
+    trainable_only = bool(checkpoint["trainable_only"])
+    _check_config(model.config, saved_config(checkpoint, name), trainable_only, name)
+    state = checkpoint["state_dict"]
+    expected = model.state_dict()
+    if trainable_only:
+        keep = trainable_state_keys(model)
+        expected = {key: value for key, value in expected.items() if key in keep}
+    check_state(expected, state, f"{'trainable-only' if trainable_only else 'full'} checkpoint {name}")
+    # The key sets agree exactly; strict=False only because a trainable-only state is a subset.
+    model.load_state_dict(state, strict=not trainable_only)
+
+
+def _check_config(model_config: ModelConfig, saved: ModelConfig, trainable_only: bool, source: str) -> None:
+    differing = [
+        f"{field}: checkpoint {getattr(saved, field)!r}, model {getattr(model_config, field)!r}"
+        for field in ARCHITECTURE_FIELDS
+        if getattr(saved, field) != getattr(model_config, field)
+    ]
+    if differing:
+        raise ValueError(f"checkpoint {source} was saved from another architecture: " + "; ".join(differing))
+    if trainable_only and (saved.weights is None) != (model_config.weights is None):
+        raise ValueError(
+            f"trainable-only checkpoint {source} was saved on backbone weights {saved.weights!r} but the model was built "
+            f"with weights {model_config.weights!r}: its frozen parameters would not be the ones it was trained on"
+        )
+    runtime_differences = [
+        field.name
+        for field in dataclasses.fields(ModelConfig)
+        if getattr(saved, field.name) != getattr(model_config, field.name)
+    ]
+    if runtime_differences:
+        logger.info("checkpoint %s: the model's own %s are used, not the saved ones", source, runtime_differences)
+
+

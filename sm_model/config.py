@@ -1,0 +1,152 @@
+"""The model's typed configuration (everything that decides SimpleMatch's architecture and
+localization, with the official settings as defaults: DINOv2 ViT-B/14 at 252, LoRA, window 45),
+and the typed reading of configs that checkpoints and ``sm_train``'s YAML files share: a dataclass
+from a plain mapping, every key and value checked against the field types.
+
+Nothing here imports torch: a config loads and fails fast without the model stack."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+FinetuneMode = Literal["frozen", "lora", "last_blocks", "full"]
+KeypointSampling = Literal["bilinear", "nearest"]
+PositionResampling = Literal["official", "timm"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """``backbone``: a name of :data:`sm_model.backbones.BACKBONES`.
+    ``weights``: ``None`` (random init), ``"hub"`` (timm's pretrained weights, needs network) or a
+    local checkpoint path. ``image_size``: square network input side (a multiple of the patch size
+    for ViTs). ``finetune`` with ``finetune_blocks`` (the last N transformer blocks) and the LoRA
+    ``lora_rank``/``lora_alpha`` (scaling alpha / rank, loralib convention). ``decoder_channels`` and
+    ``decoder_dropout`` shape the upsampling decoder. ``window_size`` is the soft-argmax window in
+    cells of the 1/4-resolution map (``None``: dense soft-argmax over the whole map); coarser scales
+    use ``coarse_window_sizes`` (1/16, 1/8). ``beta`` is the soft-argmax temperature.
+    ``multiscale`` predicts and supervises at 1/16, 1/8 and 1/4 with ``scale_weights``;
+    otherwise only at 1/4. ``keypoint_sampling`` reads source features bilinearly or, for parity
+    with the official code, from the integer cell holding the keypoint. ``position_resampling``
+    (ViTs) fits the pretrained positional embedding to the input's patch grid as the DINO, DINOv2
+    and iBOT code that trained the released weights does (``"official"``: bicubic, 0.1-cell offset,
+    no antialiasing) or as timm does (``"timm"``: bicubic to the exact size, antialiased)."""
+
+    backbone: str = "dinov2_vitb14"
+    weights: str | None = None
+    image_size: int = 252
+    finetune: FinetuneMode = "lora"
+    finetune_blocks: int = 6
+    lora_rank: int = 16
+    lora_alpha: float = 1.0
+    decoder_channels: int = 768
+    decoder_dropout: float = 0.3
+    window_size: int | None = 45
+    coarse_window_sizes: tuple[int | None, int | None] = (None, 15)
+    beta: float = 0.02
+    multiscale: bool = False
+    scale_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    keypoint_sampling: KeypointSampling = "bilinear"
+    position_resampling: PositionResampling = "official"
+
+
+class ConfigError(ValueError):
+    """A configuration that does not fit :class:`TrainConfig`; the message names the source and key."""
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """The config as plain YAML-ready types (tuples become lists); :func:`from_dict` inverts it."""
+    return _plain(dataclasses.asdict(config))
+
+
+def from_dict(cls: type, document: Mapping[str, Any], source: str, where: str = "") -> Any:
+    """Build dataclass ``cls`` from ``document``, checking every key and value against the field types."""
+    if not isinstance(document, Mapping):
+        raise ConfigError(f"{source}: {where or 'top level'} must be a mapping, got {document!r}")
+    hints = get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    unknown = [key for key in document if key not in names]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(str(key), names, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{source}: unknown key {where + str(key)!r}{hint}; {where.rstrip('.') or 'top level'} accepts {names}")
+    values = {}
+    for name, value in document.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = from_dict(hint, value or {}, source, f"{where}{name}.")
+        else:
+            values[name] = _coerce(value, hint, source, where + name)
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as error:  # a dataclass's own checks (__post_init__)
+        raise ConfigError(f"{source}: {where.rstrip('.') or 'top level'}: {error}") from None
+
+
+def _coerce(value: Any, hint: Any, source: str, key: str) -> Any:
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, option, source, key)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{source}: {key}={value!r} fits none of {hint}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{source}: {key}={value!r} is not one of {list(args)}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: {key} must be a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], source, f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{source}: {key} must have {len(args)} items, got {value!r}")
+        return tuple(_coerce(v, a, source, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: {key} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):
+            value = _float_or_none(value)  # YAML 1.1 reads "1e-4" (no dot) as a string
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: {key} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: {key} must be a string, got {value!r}")
+        return value
+    if hint is type(None):
+        if value is not None:
+            raise ConfigError(f"{source}: {key} must be null, got {value!r}")
+        return None
+    raise ConfigError(f"{source}: {key} has an unsupported type {hint}")
+
+
+def _float_or_none(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

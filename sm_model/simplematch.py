@@ -1,0 +1,126 @@
+"""SimpleMatch: backbone -> upsampling decoder -> sparse matching -> window localization.
+
+Points follow :mod:`sm_model.pixels`: :meth:`SimpleMatch.forward` works in pixels of the S x S network
+input, :meth:`SimpleMatch.predict` maps from and to the original images.
+
+Differences from the released code, on purpose:
+
+- Source and target go through the backbone and the decoder as one batch of ``2B`` images (one
+  forward each). BatchNorm in the decoder therefore normalises with statistics over both images
+  in training, where the official ViT code ran source and target as two separate batches.
+- Cell centres, not corners, are mapped to pixels (see :mod:`sm_model.pixels`).
+- Any number of keypoints; padded ones are masked by ``valid`` instead of a fixed 30.
+
+Checkpoints: :mod:`sm_model.checkpoint`; the released ``best_model.pth`` layout: :mod:`sm_model.official`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from sm_model.backbones import build_backbone
+from sm_model.config import ModelConfig
+from sm_model.decoder import ScaleFeatures, build_decoder
+from sm_model.loss import multiscale_loss
+from sm_model.matching import cosine_similarity, localize, sample_keypoint_features
+from sm_model.pixels import cells_to_pixels, input_to_original_pixels, original_to_input_pixels
+
+
+class SimpleMatch(nn.Module):
+    """The SimpleMatch model, built from a :class:`ModelConfig`.
+
+    ``backbone`` (:func:`sm_model.backbones.build_backbone`, fine-tuning mode applied),
+    ``decoder`` (:func:`sm_model.decoder.build_decoder`), then per decoder scale: source
+    keypoint features -> cosine similarity with the whole target map -> window soft-argmax.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.backbone = build_backbone(config)
+        self.decoder = build_decoder(config, tuple(self.backbone.channels))
+
+    @property
+    def window_sizes(self) -> tuple[int | None, ...]:
+        """Soft-argmax window (cells) of each predicted scale, coarse to fine; ``None`` is dense.
+        Multi-scale: ``config.coarse_window_sizes`` for the two coarse maps (1/16 and 1/8 for
+        ResNet; the token map and the first upsampled map, 1/14 and 1/7, for DINOv2), then
+        ``config.window_size`` at 1/4."""
+        if self.config.multiscale:
+            return (*self.config.coarse_window_sizes, self.config.window_size)
+        return (self.config.window_size,)
+
+    @property
+    def scale_weights(self) -> tuple[float, ...]:
+        """Loss weight of each predicted scale, coarse to fine. Single-scale uses the last (1/4)
+        weight of ``config.scale_weights`` only."""
+        if self.config.multiscale:
+            return tuple(self.config.scale_weights)
+        return (self.config.scale_weights[-1],)
+
+    def forward(self, src: Tensor, trg: Tensor, src_kps: Tensor, valid: Tensor) -> list[Tensor]:
+        """Predict where each source keypoint lies in the target.
+
+        ``src``, ``trg``: ``[B, 3, S, S]`` ImageNet-normalised (any S the backbone accepts: strides
+        come from the actual maps, not ``config.image_size``); ``src_kps``: ``[B, N, 2]`` input
+        pixels; ``valid``: ``[B, N]`` bool. Returns one ``[B, N, 2]`` float32 prediction (under
+        autocast too) in input pixels per scale, coarse to fine (only the 1/4 one unless
+        ``config.multiscale``).
+
+        Invalid keypoints are read at pixel ``(0, 0)``, so their predictions are finite (and
+        meaningless); ``valid`` is for the loss to mask them.
+        """
+        _check_inputs(src, trg, src_kps, valid)
+        src_kps = torch.where(valid.unsqueeze(-1), src_kps, torch.zeros_like(src_kps))
+        features = self.backbone(torch.cat([src, trg]))
+        scales = self.decoder(features, src.shape[-1])
+        return [
+            self._match(scale, window, src_kps) for scale, window in zip(scales, self.window_sizes, strict=True)
+        ]
+
+    def _match(self, scale: ScaleFeatures, window: int | None, src_kps: Tensor) -> Tensor:
+        """Sparse matching and localization on one scale: ``src_kps`` ``[B, N, 2]`` -> ``[B, N, 2]`` input pixels."""
+        src_map, trg_map = scale.features.chunk(2)
+        keypoint_features = sample_keypoint_features(src_map, src_kps, scale.stride, self.config.keypoint_sampling)
+        scores = cosine_similarity(keypoint_features, trg_map)  # [B, N, h, w]
+        return cells_to_pixels(localize(scores, window, self.config.beta), scale.stride)
+
+    def loss(self, predictions: list[Tensor], target: Tensor, valid: Tensor) -> Tensor:
+        """Weighted sum over scales of the mean Euclidean distance in input pixels over valid
+        keypoints. ``predictions``: :meth:`forward`'s list; ``target``: ``[B, N, 2]`` input pixels;
+        ``valid``: ``[B, N]`` bool. Weights: :attr:`scale_weights`."""
+        return multiscale_loss(predictions, target, valid, self.scale_weights)
+
+    @torch.no_grad()
+    def predict(
+        self, src: Tensor, trg: Tensor, src_kps: Tensor, valid: Tensor, src_sizes: Tensor, trg_sizes: Tensor
+    ) -> Tensor:
+        """Target keypoints in original target pixels, from the finest scale, in eval mode.
+
+        ``src``, ``trg``: ``[B, 3, S, S]`` (the original images resized to S x S, normalised);
+        ``src_kps``: ``[B, N, 2]`` original source pixels; ``valid``: ``[B, N]`` bool;
+        ``src_sizes``, ``trg_sizes``: ``[B, 2]`` original ``(W, H)``. Returns ``[B, N, 2]`` float32.
+        The model's training mode is restored afterwards.
+        """
+        input_size = src.shape[-1]
+        input_kps = original_to_input_pixels(src_kps, src_sizes, input_size)
+        was_training = self.training
+        self.eval()
+        try:
+            finest = self(src, trg, input_kps, valid)[-1]
+        finally:
+            self.train(was_training)
+        return input_to_original_pixels(finest, trg_sizes, input_size)
+
+
+def _check_inputs(src: Tensor, trg: Tensor, src_kps: Tensor, valid: Tensor) -> None:
+    if src.ndim != 4 or src.shape != trg.shape or src.shape[-1] != src.shape[-2]:
+        raise ValueError(f"src and trg must both be [B, 3, S, S], got {tuple(src.shape)} and {tuple(trg.shape)}")
+    batch = src.shape[0]
+    if src_kps.ndim != 3 or src_kps.shape[0] != batch or src_kps.shape[-1] != 2:
+        raise ValueError(f"src_kps must be [B={batch}, N, 2], got {tuple(src_kps.shape)}")
+    if valid.shape != src_kps.shape[:-1] or valid.dtype != torch.bool:
+        raise ValueError(
+            f"valid must be a bool [B, N] = {tuple(src_kps.shape[:-1])}, got {valid.dtype} {tuple(valid.shape)}"
+        )

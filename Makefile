@@ -1,5 +1,5 @@
 # make demo: set up .venv (first time only) and run the main job end to end on the bundled demo data.
-# make test: set up .venv (first time only) and run the test suite.
+# make test: set up .venv (first time only) and run the test suite; make test-fast leaves out the end-to-end tests.
 # make cluster-up / cluster-down: a one-machine Ray cluster (infra/local) whose jobs run .venv's python.
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -7,7 +7,7 @@ DEMO_DATA ?= data/demo
 DEMO_SHARDS ?= data/demo-shards
 DEMO_RUNS ?= runs
 
-.PHONY: venv test demo bench clean-demo cluster-up cluster-down
+.PHONY: venv test test-fast demo bench clean-demo cluster-up cluster-down
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -20,9 +20,14 @@ venv: $(VENV)/.installed
 test: venv
 	$(PY) -m pytest -q
 
+# Everything but the end-to-end tests (Ray cluster, whole CLIs in subprocesses): a few minutes.
+test-fast: venv
+	$(PY) -m pytest -q -m "not e2e"
+
 # The demo trains afresh each time (its run directory is replaced), prints val PCK@0.1 before and
 # after training, then evaluates the best checkpoint on the test split.
 demo: venv
+	test -d $(DEMO_DATA) || $(PY) -m pipelines.builders.demo --out $(DEMO_DATA)
 	$(PY) -m pipelines.shard demo --root $(DEMO_DATA) --out $(DEMO_SHARDS) --workers 2
 	$(PY) -m pipelines.inspect $(DEMO_SHARDS) --split val --out $(DEMO_SHARDS)/preview-val.png
 	rm -rf $(DEMO_RUNS)/demo $(DEMO_RUNS)/demo-eval

@@ -35,8 +35,8 @@ from pathlib import Path
 
 import torch
 
+from pipelines.builders.demo import generate
 from pipelines.shard import shard_dataset
-from pipelines.sources.demo import generate
 from pipelines.storage import Location
 from sm_eval.checkpoints import read_checkpoint_file
 from sm_eval.pck import summarize

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from pipelines.builders.demo import generate
 from pipelines.imageio import decode_rgb
 from pipelines.reader import pair_dataset, split_shards
-from pipelines.sources.demo import generate
 from pipelines.storage import Location
 
 

@@ -23,16 +23,16 @@ from pathlib import Path
 
 import torch
 
+from pipelines.builders.demo import CATEGORIES, generate
 from pipelines.reader import split_shards
 from pipelines.shard import shard_dataset
-from pipelines.sources.demo import CATEGORIES, generate
 from pipelines.storage import Location
 from sm_model.simplematch import SimpleMatch
 from sm_train.augment import PairAugmentation
-from sm_train.config import TrainConfig, load_config
+from sm_train.config import TrainConfig, load_config, resolve_paths
 from sm_train.data import pair_batches, plan_epoch
 from sm_train.loop import autocast_dtype_for, build_optimizer, train_step
-from sm_train.trainer import build_trainer, resolve_paths
+from sm_train.trainer import build_trainer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

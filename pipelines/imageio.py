@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from pipelines import validate
+from pipelines import checks
+from pipelines.schema import RejectError
 
 _EXTENSIONS = {"JPEG": "jpg", "PNG": "png"}
 _JPEG_EOI = b"\xff\xd9"
@@ -30,33 +31,25 @@ class ImageProbe:
     size: tuple[int, int]
 
 
-class ImageError(ValueError):
-    """An image cannot be used; ``reason`` is a :mod:`pipelines.validate` constant."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
-        self.reason = reason
-
-
 def probe_image(data: bytes, full_decode: bool = False) -> ImageProbe:
-    """Format and size of an encoded image; :class:`ImageError` when it is not a complete
-    JPEG or PNG."""
+    """Format and size of an encoded image; :class:`~pipelines.schema.RejectError` when it is
+    not a complete JPEG or PNG."""
     try:
         image = Image.open(io.BytesIO(data))
     except Exception as error:  # PIL raises several types for undecodable input
-        raise ImageError(validate.UNREADABLE_IMAGE, f"not a decodable image ({error})") from error
+        raise RejectError(checks.UNREADABLE_IMAGE, f"not a decodable image ({error})") from error
     if image.format not in _EXTENSIONS:
-        raise ImageError(validate.UNREADABLE_IMAGE, f"format {image.format} is neither JPEG nor PNG")
+        raise RejectError(checks.UNREADABLE_IMAGE, f"format {image.format} is neither JPEG nor PNG")
     complete = (
         data.rstrip(_JPEG_TRAILING_PADDING).endswith(_JPEG_EOI) if image.format == "JPEG" else data.endswith(_PNG_IEND)
     )
     if not complete:
-        raise ImageError(validate.TRUNCATED_IMAGE, f"{image.format} data ends without its end marker ({len(data)} bytes)")
+        raise RejectError(checks.TRUNCATED_IMAGE, f"{image.format} data ends without its end marker ({len(data)} bytes)")
     if full_decode:
         try:
             image.load()
         except Exception as error:
-            raise ImageError(validate.UNREADABLE_IMAGE, f"decoding failed ({error})") from error
+            raise RejectError(checks.UNREADABLE_IMAGE, f"decoding failed ({error})") from error
     return ImageProbe(_EXTENSIONS[image.format], image.size)
 
 

@@ -86,7 +86,7 @@ class PairRecord:
 class Reject:
     """An input that could not be taken: which item, the file at fault, and why.
 
-    ``reason`` is one of :data:`pipelines.validate.REASONS`; ``detail`` says what exactly was
+    ``reason`` is one of :data:`pipelines.checks.REASONS`; ``detail`` says what exactly was
     wrong in words a person can act on. ``kind`` is ``pair`` for an input pair, ``image`` for an
     image a benchmark protocol excludes before pairs are formed (AP-10K built from its raw release).
     """
@@ -99,6 +99,23 @@ class Reject:
 
     def to_json(self) -> dict[str, str]:
         return {"kind": self.kind, "item": self.item, "file": self.file, "reason": self.reason, "detail": self.detail}
+
+
+class RejectError(Exception):
+    """Raised where an input turns out unusable; the catcher makes it a :class:`Reject`.
+
+    ``reason`` is one of :data:`pipelines.checks.REASONS`; ``detail`` is the message (``str()``
+    of the error); ``file`` is the file at fault when the raiser knows it better than the catcher,
+    else ``None``.
+    """
+
+    def __init__(self, reason: str, detail: str, file: str | None = None) -> None:
+        super().__init__(detail)
+        self.reason, self.detail, self.file = reason, detail, file
+
+    def to_reject(self, item: str, file: str | None = None, kind: str = "pair") -> Reject:
+        """The :class:`Reject` of ``item``; ``file`` defaults to the error's own."""
+        return Reject(item, file or self.file or "", self.reason, self.detail, kind)
 
 
 @dataclass(frozen=True)

@@ -40,9 +40,9 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from pipelines import validate
-from pipelines.imageio import ImageError, probe_image
-from pipelines.schema import ImageInfo, PairRecord, Reject, pair_to_json
+from pipelines import checks
+from pipelines.imageio import probe_image
+from pipelines.schema import ImageInfo, PairRecord, Reject, RejectError, pair_to_json
 from pipelines.sources import SOURCE_NAMES, get_source
 from pipelines.storage import Location
 
@@ -74,7 +74,10 @@ class ShardPlan:
 
 
 @dataclass
-class SplitPlan:
+class PlannedSplit:
+    """One split read, checked and planned: its input pair count, the shards to write and the
+    rejects found before any image is opened."""
+
     split: str
     input_pairs: int
     shards: list[ShardPlan]
@@ -95,10 +98,10 @@ def read_split(source_name: str, root: Location, split: str) -> tuple[list[PairR
             continue
         input_pairs += 1
         if item.key in first_seen:
-            rejects.append(Reject(item.key, item.origin, validate.DUPLICATE_PAIR, f"same pair as {first_seen[item.key]}"))
+            rejects.append(Reject(item.key, item.origin, checks.DUPLICATE_PAIR, f"same pair as {first_seen[item.key]}"))
             continue
         first_seen[item.key] = item.origin
-        problems = validate.check_pair(item)
+        problems = checks.check_pair(item)
         if problems:
             rejects.extend(problems[:1])
             continue
@@ -173,7 +176,7 @@ def _fingerprint(shard: ShardPlan, documents: dict[str, bytes], image_bytes: dic
 
 def prepare_split(
     source_name: str, root: Location, split: str, max_shard_bytes: int
-) -> SplitPlan:
+) -> PlannedSplit:
     """Read, validate and plan one split. Pairs whose images do not exist are rejected here."""
     pairs, rejects, input_pairs = read_split(source_name, root, split)
     image_bytes: dict[str, int] = {}
@@ -183,10 +186,10 @@ def prepare_split(
     for pair in pairs:
         missing = [p for p in (pair.src.path, pair.trg.path) if p not in image_bytes]
         if missing:
-            rejects.append(Reject(pair.key, missing[0], validate.MISSING_IMAGE, f"{root.full(missing[0])} does not exist"))
+            rejects.append(Reject(pair.key, missing[0], checks.MISSING_IMAGE, f"{root.full(missing[0])} does not exist"))
         else:
             present.append(pair)
-    return SplitPlan(split, input_pairs, plan_split(split, present, image_bytes, max_shard_bytes), rejects)
+    return PlannedSplit(split, input_pairs, plan_split(split, present, image_bytes, max_shard_bytes), rejects)
 
 
 @dataclass(frozen=True)
@@ -204,7 +207,7 @@ def write_shard(job: ShardJob) -> dict:
     plan, root, out = job.plan, job.root, job.out
     image_data: dict[str, bytes] = {}
     image_meta: dict[str, dict] = {}
-    image_errors: dict[str, ImageError] = {}
+    image_errors: dict[str, RejectError] = {}
     for pair in plan.pairs:
         for ref in (pair.src, pair.trg):
             if ref.path in image_data or ref.path in image_errors:
@@ -212,11 +215,11 @@ def write_shard(job: ShardJob) -> dict:
             try:
                 data = root.read_bytes(ref.path)
                 probe = probe_image(data, job.full_decode)
-            except ImageError as error:
+            except RejectError as error:
                 image_errors[ref.path] = error
                 continue
             except OSError as error:
-                image_errors[ref.path] = ImageError(validate.UNREADABLE_IMAGE, f"cannot read ({error})")
+                image_errors[ref.path] = RejectError(checks.UNREADABLE_IMAGE, f"cannot read ({error})")
                 continue
             image_data[ref.path] = data
             image_meta[ref.path] = {"key": ref.key, "ext": probe.ext, "size": probe.size}
@@ -230,7 +233,7 @@ def write_shard(job: ShardJob) -> dict:
             rejects.append(Reject(pair.key, bad.path, error.reason, f"{root.full(bad.path)}: {error}"))
             continue
         src_size, trg_size = image_meta[pair.src.path]["size"], image_meta[pair.trg.path]["size"]
-        problems = validate.check_against_images(pair, src_size, trg_size)
+        problems = checks.check_against_images(pair, src_size, trg_size)
         if problems:
             rejects.append(problems[0])
             continue
@@ -316,7 +319,7 @@ def _manifest_path(plan: ShardPlan) -> str:
     return f"{MANIFEST_DIR}/{plan.split}/{plan.name}.json"
 
 
-def _finished_shards(out: Location, split_plan: SplitPlan, existing: dict[str, int]) -> set[str]:
+def _finished_shards(out: Location, split_plan: PlannedSplit, existing: dict[str, int]) -> set[str]:
     """Shards of the plan already written completely by an earlier run with the same plan;
     ``existing`` is the listing of ``out``."""
     finished = set()
@@ -328,7 +331,7 @@ def _finished_shards(out: Location, split_plan: SplitPlan, existing: dict[str, i
     return finished
 
 
-def _clean_stale(out: Location, split_plan: SplitPlan, existing: dict[str, int]) -> None:
+def _clean_stale(out: Location, split_plan: PlannedSplit, existing: dict[str, int]) -> None:
     """Remove partial files of an interrupted local run, and shards of this split that an
     earlier, different plan numbered beyond the current one; ``existing`` is the listing of ``out``."""
     planned = {shard.name for shard in split_plan.shards}
@@ -365,7 +368,7 @@ def worker_pool(workers: int) -> contextlib.AbstractContextManager:
 
 @dataclass
 class StartedSplit:
-    plan: SplitPlan
+    plan: PlannedSplit
     manifests: Iterator[dict]
     pending_pairs: int
 
@@ -391,7 +394,7 @@ def start_split(
     return StartedSplit(split_plan, start_jobs(jobs, pool), sum(len(job.plan.pairs) for job in jobs))
 
 
-def record_split(out: Location, source_name: str, split_plan: SplitPlan) -> None:
+def record_split(out: Location, source_name: str, split_plan: PlannedSplit) -> None:
     """Mark a split complete (all its shards written) in ``_manifests/<split>.json``."""
     record = {
         "split": split_plan.split,

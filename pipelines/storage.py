@@ -4,7 +4,9 @@ A :class:`Location` is a root; every method takes a path relative to it with ``/
 Writes are atomic: a local file appears under its final name only when complete (write to a
 temporary name, then rename), and an S3 object only when its (multipart) upload completes.
 S3 goes through boto3; the endpoint comes from ``endpoint_url`` or the ``AWS_ENDPOINT_URL``
-environment variable, so S3-compatible stores (MinIO, Ceph, moto) work as well as AWS.
+environment variable (:func:`resolve_endpoint`), so S3-compatible stores (MinIO, Ceph, moto) work as
+well as AWS. This module is the one place that turns an S3 URL and endpoint into a client
+(:func:`s3_client`) or a pyarrow filesystem (:func:`arrow_filesystem`, for Ray's storage).
 """
 
 from __future__ import annotations
@@ -14,6 +16,11 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlparse
+
+if TYPE_CHECKING:
+    import pyarrow.fs
 
 
 def is_s3(url: str) -> bool:
@@ -28,10 +35,41 @@ def split_s3_url(url: str) -> tuple[str, str]:
     return bucket, key.strip("/")
 
 
-@functools.lru_cache(maxsize=8)
+def resolve_endpoint(endpoint_url: str | None) -> str | None:
+    """The S3 endpoint to use: ``endpoint_url`` when given, else ``AWS_ENDPOINT_URL``, else AWS (``None``)."""
+    return endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
 def s3_client(endpoint_url: str | None = None):
-    """A boto3 S3 client, one per process and endpoint (processes started by spawn or
-    forkserver build their own). Checksums only when required, since many S3-compatible
+    """A boto3 S3 client for ``endpoint_url`` (see :func:`resolve_endpoint`), one per process and endpoint."""
+    return _s3_client(resolve_endpoint(endpoint_url))
+
+
+def arrow_filesystem(url: str, endpoint_url: str | None = None) -> tuple[str, pyarrow.fs.FileSystem | None]:
+    """``(path, filesystem)`` for pyarrow and Ray storage arguments. A local path or an ``s3://``
+    URL on AWS needs no filesystem (``None``: Ray infers it from the URL); an S3-compatible endpoint
+    needs an explicit pyarrow filesystem, and then the path loses its ``s3://``."""
+    endpoint_url = resolve_endpoint(endpoint_url)
+    if not is_s3(url) or endpoint_url is None:
+        return url, None
+    import pyarrow.fs
+
+    endpoint = urlparse(endpoint_url)
+    # Explicit keys travel with the pickled filesystem to Ray's controller and workers.
+    filesystem = pyarrow.fs.S3FileSystem(
+        endpoint_override=endpoint.netloc or endpoint.path,
+        scheme=endpoint.scheme or "https",
+        access_key=os.environ.get("AWS_ACCESS_KEY_ID"),
+        secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
+        session_token=os.environ.get("AWS_SESSION_TOKEN"),
+        region=os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION"),
+    )
+    return url.removeprefix("s3://"), filesystem
+
+
+@functools.lru_cache(maxsize=8)
+def _s3_client(endpoint_url: str | None):
+    """Processes started by spawn or forkserver build their own client. Checksums only when required, since many S3-compatible
     stores reject the CRC headers boto3 sends by default."""
     # Imported here: boto3 costs a fifth of a second to import, paid by every spawned worker
     # process, while most runs never touch S3.
@@ -44,7 +82,7 @@ def s3_client(endpoint_url: str | None = None):
         response_checksum_validation="when_required",
         retries={"max_attempts": 5, "mode": "standard"},
     )
-    return boto3.client("s3", endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL"), config=config)
+    return boto3.client("s3", endpoint_url=endpoint_url, config=config)
 
 
 def _client_error() -> type[Exception]:

@@ -184,32 +184,31 @@ def _data_lines(data: Mapping[str, Any], models: Sequence[Mapping[str, Any]]) ->
 def _category_table(models: Sequence[Mapping[str, Any]], column: int) -> list[str]:
     categories = sorted(models[0]["results"]["per_category"])
     first = models[0]["results"]
-    lines = _header(["model", "average", *categories, "all"])
     counts = [str(first["per_category"][c]["n_pairs"]) for c in categories]
-    lines.append(_row(["", "pairs", *counts, str(first["overall"]["n_pairs"])]))
+    rows = [["", "pairs", *counts, str(first["overall"]["n_pairs"])]]
     for model in models:
         results = model["results"]
         for average in AVERAGES:
             cells = [percent(results["per_category"][c][average][column]) for c in categories]
             cells.append(percent(results["overall"][average][column]))
-            lines.append(_row([model["name"], AVERAGE_LABELS[average], *cells]))
-    return lines
+            rows.append([model["name"], AVERAGE_LABELS[average], *cells])
+    return markdown_table(["model", "average", *categories, "all"], rows)
 
 
 def _alpha_table(models: Sequence[Mapping[str, Any]], alphas: Sequence[float]) -> list[str]:
-    lines = _header(["model", "average", *(f"PCK@{a:g}" for a in alphas)])
-    for model in models:
-        overall = model["results"]["overall"]
-        for average in AVERAGES:
-            lines.append(_row([model["name"], AVERAGE_LABELS[average], *(percent(v) for v in overall[average])]))
-    return lines
+    rows = [
+        [model["name"], AVERAGE_LABELS[average], *(percent(v) for v in model["results"]["overall"][average])]
+        for model in models
+        for average in AVERAGES
+    ]
+    return markdown_table(["model", "average", *(f"PCK@{a:g}" for a in alphas)], rows)
 
 
 def _flag_table(models: Sequence[Mapping[str, Any]], column: int) -> list[str]:
     """One row per value of each difficulty flag; per model a per-image and a per-keypoint column."""
     flags = models[0]["results"]["per_flag"]
     names = [f"{model['name']} {AVERAGE_LABELS[average]}" for model in models for average in AVERAGES]
-    lines = _header(["flag", "value", "pairs", *names])
+    rows = []
     for flag in flags:
         for value in sorted(flags[flag]):
             cells = [
@@ -217,12 +216,13 @@ def _flag_table(models: Sequence[Mapping[str, Any]], column: int) -> list[str]:
                 for model in models
                 for average in AVERAGES
             ]
-            lines.append(_row([flag, str(value), str(flags[flag][value]["n_pairs"]), *cells]))
-    return lines
+            rows.append([flag, str(value), str(flags[flag][value]["n_pairs"]), *cells])
+    return markdown_table(["flag", "value", "pairs", *names], rows)
 
 
-def _header(names: Sequence[str]) -> list[str]:
-    return [_row(names), _row(["---"] * len(names))]
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """The lines of a markdown table: ``header``, the separator, one line per row of cells."""
+    return [_row(header), _row(["---"] * len(header)), *(_row(row) for row in rows)]
 
 
 def _row(cells: Sequence[str]) -> str:

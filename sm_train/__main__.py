@@ -24,8 +24,8 @@ from sm_train.config import (
     config_keys,
     dump_yaml,
     load_config,
+    resolve_paths,
 )
-from sm_train.trainer import build_trainer, resolve_paths
 
 logger = logging.getLogger("sm_train")
 
@@ -61,6 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     import ray
+
+    from sm_train.trainer import build_trainer  # Ray and torch load only once the config is valid
 
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     if not ray.is_initialized():

@@ -31,8 +31,7 @@ OptimizerName = Literal["adam", "adamw", "sgd"]
 @dataclass(frozen=True)
 class DataConfig:
     """``shards``: a directory or ``s3://`` prefix written by ``pipelines.shard`` (relative paths
-    are resolved against the directory ``sm_train`` is started from). ``s3_endpoint_url`` for
-    S3-compatible stores. ``loader_workers`` decoding processes per training worker;
+    are resolved against the directory ``sm_train`` is started from; S3 endpoint: ``run.s3_endpoint_url``). ``loader_workers`` decoding processes per training worker;
     ``shuffle_buffer`` pairs shuffled in memory (shard order is shuffled per epoch as well);
     ``val_split``: scored each epoch (``None``: no validation); ``val_batch_size`` pairs per
     validation batch."""
@@ -40,7 +39,6 @@ class DataConfig:
     shards: str = "data/demo-shards"
     train_split: str = "trn"
     val_split: str | None = "val"
-    s3_endpoint_url: str | None = None
     loader_workers: int = 2
     shuffle_buffer: int = 256
     val_batch_size: int = 16
@@ -158,14 +156,15 @@ class LoopConfig:
 class RunSettings:
     """Where and how Ray Train runs. ``name`` and ``storage_path`` (a directory or ``s3://``
     prefix; relative paths resolve against the starting directory) identify the run: starting
-    again with the same pair continues it. ``storage_endpoint_url`` for S3-compatible stores.
+    again with the same pair continues it. ``s3_endpoint_url``: the S3-compatible endpoint of every
+    ``s3://`` path of the run, shards and storage alike (else ``AWS_ENDPOINT_URL``, else AWS).
     ``num_workers`` training workers, each with ``cpus_per_worker`` CPUs and one GPU when
     ``use_gpu``; ``max_failures`` worker-group restarts from the last checkpoint;
     ``keep_checkpoints`` best checkpoints kept by :data:`SELECTION_METRIC` (the latest is always kept too)."""
 
     name: str = "simplematch"
     storage_path: str = "runs"
-    storage_endpoint_url: str | None = None
+    s3_endpoint_url: str | None = None
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
@@ -253,3 +252,19 @@ def config_keys(cls: type = TrainConfig, prefix: str = "") -> list[str]:
         else:
             keys.append(f"{prefix}{f.name}")
     return keys
+
+
+def resolve_paths(config: TrainConfig, base: Path) -> TrainConfig:
+    """Make local shard, storage and weight-file paths absolute against ``base`` (Ray workers
+    run in their own directories); URLs and ``weights: hub`` are kept as they are."""
+
+    def absolute(path: str) -> str:
+        return path if "://" in path else str((base / path).resolve())
+
+    weights = config.model.weights
+    return dataclasses.replace(
+        config,
+        model=dataclasses.replace(config.model, weights=weights if weights in (None, "hub") else absolute(weights)),
+        data=dataclasses.replace(config.data, shards=absolute(config.data.shards)),
+        run=dataclasses.replace(config.run, storage_path=absolute(config.run.storage_path)),
+    )

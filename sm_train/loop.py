@@ -88,7 +88,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         logger.info("rank %d resumed at epoch %d step %d (global step %d)", rank, position.epoch, position.step, position.global_step)
     trained = ray.train.torch.prepare_model(model) if world_size > 1 else model
 
-    shards = Location(config.data.shards, config.data.s3_endpoint_url)
+    shards = Location(config.data.shards, config.run.s3_endpoint_url)
     train_counts = split_shards(shards, config.data.train_split)
     val_split = config.data.val_split
     val_shards = [name for name, count in split_shards(shards, val_split).items() if count] if val_split else []

@@ -3,15 +3,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from pathlib import Path
-from urllib.parse import urlparse
 
-import pyarrow.fs
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from pipelines.storage import arrow_filesystem
 from sm_train.config import SELECTION_METRIC, TrainConfig, to_dict
 from sm_train.loop import train_loop_per_worker
 
@@ -20,7 +17,7 @@ def build_trainer(config: TrainConfig, callbacks: list | None = None) -> TorchTr
     """A ``TorchTrainer`` running :func:`sm_train.loop.train_loop_per_worker` as ``config`` says;
     ``callbacks`` are Ray Train ``UserCallback`` objects (Tune's ``TuneReportCallback``)."""
     run = config.run
-    storage_path, filesystem = storage_location(run.storage_path, run.storage_endpoint_url)
+    storage_path, filesystem = arrow_filesystem(run.storage_path, run.s3_endpoint_url)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": to_dict(config)},
@@ -45,24 +42,6 @@ def build_trainer(config: TrainConfig, callbacks: list | None = None) -> TorchTr
     )
 
 
-def storage_location(path: str, endpoint_url: str | None) -> tuple[str, pyarrow.fs.FileSystem | None]:
-    """``RunConfig`` storage arguments for a local directory or an ``s3://`` prefix. A custom
-    endpoint needs an explicit pyarrow filesystem, and then the path loses its ``s3://``."""
-    if not path.startswith("s3://") or endpoint_url is None:
-        return path, None
-    endpoint = urlparse(endpoint_url)
-    # Explicit keys travel with the pickled filesystem to Ray's controller and workers.
-    filesystem = pyarrow.fs.S3FileSystem(
-        endpoint_override=endpoint.netloc or endpoint.path,
-        scheme=endpoint.scheme or "https",
-        access_key=os.environ.get("AWS_ACCESS_KEY_ID"),
-        secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
-        session_token=os.environ.get("AWS_SESSION_TOKEN"),
-        region=os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION"),
-    )
-    return path.removeprefix("s3://"), filesystem
-
-
 FORWARDED_PREFIXES = ("AWS_",)
 
 
@@ -70,19 +49,3 @@ def forwarded_environment() -> dict[str, str]:
     """The driver's S3 settings (``AWS_*``: credentials, region, endpoint, checksum mode), passed
     on to the training workers, which read shards with boto3 wherever they run."""
     return {key: value for key, value in os.environ.items() if key.startswith(FORWARDED_PREFIXES)}
-
-
-def resolve_paths(config: TrainConfig, base: Path) -> TrainConfig:
-    """Make local shard, storage and weight-file paths absolute against ``base`` (Ray workers
-    run in their own directories); URLs and ``weights: hub`` are kept as they are."""
-
-    def absolute(path: str) -> str:
-        return path if "://" in path else str((base / path).resolve())
-
-    weights = config.model.weights
-    return dataclasses.replace(
-        config,
-        model=dataclasses.replace(config.model, weights=weights if weights in (None, "hub") else absolute(weights)),
-        data=dataclasses.replace(config.data, shards=absolute(config.data.shards)),
-        run=dataclasses.replace(config.run, storage_path=absolute(config.run.storage_path)),
-    )

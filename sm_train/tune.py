@@ -39,6 +39,8 @@ from typing import Any
 
 import yaml
 
+from pipelines.storage import arrow_filesystem
+from sm_eval.report import markdown_table
 from sm_train.config import (
     SELECTION_ALPHA,
     SELECTION_METRIC,
@@ -49,10 +51,11 @@ from sm_train.config import (
     from_dict,
     load_config,
     parse_override,
+    resolve_paths,
     set_dotted,
     to_dict,
 )
-from sm_train.trainer import build_trainer, resolve_paths, storage_location
+from sm_train.trainer import build_trainer
 
 logger = logging.getLogger("sm_train.tune")
 
@@ -152,7 +155,7 @@ def run_sweep(
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    storage_path, filesystem = storage_location(base.run.storage_path, base.run.storage_endpoint_url)
+    storage_path, filesystem = arrow_filesystem(base.run.storage_path, base.run.s3_endpoint_url)
     experiment = f"{storage_path.rstrip('/')}/{name}"
     if tune.Tuner.can_restore(experiment, storage_filesystem=filesystem):
         logger.info("resuming the sweep in %s", experiment)
@@ -225,7 +228,7 @@ def publish_results(out: Path, base: TrainConfig, name: str) -> str:
     submitted job's working directory is temporary); returns where they went."""
     import pyarrow.fs
 
-    storage_path, filesystem = storage_location(base.run.storage_path, base.run.storage_endpoint_url)
+    storage_path, filesystem = arrow_filesystem(base.run.storage_path, base.run.s3_endpoint_url)
     if filesystem is None:
         filesystem, storage_path = pyarrow.fs.FileSystem.from_uri(storage_path)
     destination = f"{storage_path.rstrip('/')}/{name}/results"
@@ -293,12 +296,11 @@ def _cell(value: Any) -> Any:
 
 
 def _markdown(table) -> str:
-    columns = list(table.columns)
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in table.itertuples(index=False):
-        cells = [f"{v:.4f}" if isinstance(v, float) and not math.isnan(v) else str(v) for v in row]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    rows = [
+        [f"{v:.4f}" if isinstance(v, float) and not math.isnan(v) else str(v) for v in row]
+        for row in table.itertuples(index=False)
+    ]
+    return "\n".join(markdown_table(list(table.columns), rows)) + "\n"
 
 
 def _plot(table, keys: list[str], out: Path) -> None:

@@ -16,6 +16,13 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that needs the session's Ray cluster is an end-to-end one (``make test-fast`` skips them)."""
+    for item in items:
+        if "ray_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.e2e)
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 
@@ -80,7 +87,7 @@ def s3_bucket(s3_endpoint: str) -> str:
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small demo dataset in the SPair-71k layout, generated once per session."""
-    from pipelines.sources.demo import generate
+    from pipelines.builders.demo import generate
 
     return generate(
         tmp_path_factory.mktemp("demo") / "demo",

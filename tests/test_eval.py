@@ -261,6 +261,7 @@ def test_cli_help_lists_every_option(capsys: pytest.CaptureFixture) -> None:
     assert "report.json" in text and "bbox-kp" in text and "test_cross_species" in text
 
 
+@pytest.mark.e2e
 def test_cli_end_to_end_in_resized_frame_with_the_strict_rule(
     single_run: tuple[Path, dict], demo_shards: Path, checkpoint: Path, tmp_path: Path
 ) -> None:

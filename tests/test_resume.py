@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from pipelines.shard import shard_dataset
 from pipelines.storage import Location
 from tests.conftest import REPO_ROOT
@@ -24,6 +26,7 @@ def _outputs(out: Path) -> dict[str, bytes]:
     return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.e2e
 def test_killed_run_resumes_to_the_same_output(demo_root: Path, tmp_path: Path) -> None:
     clean = tmp_path / "clean"
     shard_dataset("demo", Location(str(demo_root)), Location(str(clean)), max_shard_bytes=int(SHARD_BOUND))

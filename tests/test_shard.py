@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipelines import validate
+from pipelines import checks
 from pipelines.reader import pair_dataset, split_shards
 from pipelines.shard import main, shard_dataset
 from pipelines.storage import Location, s3_client, split_s3_url
@@ -95,21 +95,21 @@ def _bad_pairs(root: Path) -> dict[str, tuple[dict | None, str, str]]:
     cat_dir.mkdir(parents=True)
     (cat_dir / "2010_099001.jpg").write_bytes(b"this is not a JPEG")
     (cat_dir / "2010_099002.jpg").write_bytes(_jpeg(7)[:-400])
-    case(900, validate.MISSING_IMAGE, "JPEGImages/cat/2010_099000.jpg", trg_imname="2010_099000.jpg")
-    case(901, validate.UNREADABLE_IMAGE, "JPEGImages/cat/2010_099001.jpg", trg_imname="2010_099001.jpg")
-    case(902, validate.TRUNCATED_IMAGE, "JPEGImages/cat/2010_099002.jpg", trg_imname="2010_099002.jpg")
-    case(903, validate.IMAGE_SIZE_MISMATCH, f"JPEGImages/cat/{_stem('cat', 1)}.jpg", trg_imsize=[640, 480, 3])
-    case(904, validate.KEYPOINT_OUTSIDE_IMAGE, trg_kps=[[12, 8], [33, 22], [64, 47]])
-    case(905, validate.NAN_KEYPOINTS, src_kps=[[10, 10], [None, 20], [50, 40]])
-    case(906, validate.EMPTY_BBOX, src_bndbox=[2, 3, 2, 44])
-    case(907, validate.INVERTED_BBOX, trg_bndbox=[40, 1, 5, 47])
-    case(908, validate.BBOX_OUTSIDE_IMAGE, trg_bndbox=[5, 1, 70, 47])
-    case(909, validate.SAME_IMAGE, trg=0)
-    case(910, validate.KEYPOINT_COUNT_MISMATCH, trg_kps=[[12, 8], [33, 22]])
-    case(911, validate.NO_KEYPOINTS, src_kps=[], trg_kps=[], kps_ids=[])
-    case(912, validate.INCONSISTENT_ANNOTATION, category="dog")
+    case(900, checks.MISSING_IMAGE, "JPEGImages/cat/2010_099000.jpg", trg_imname="2010_099000.jpg")
+    case(901, checks.UNREADABLE_IMAGE, "JPEGImages/cat/2010_099001.jpg", trg_imname="2010_099001.jpg")
+    case(902, checks.TRUNCATED_IMAGE, "JPEGImages/cat/2010_099002.jpg", trg_imname="2010_099002.jpg")
+    case(903, checks.IMAGE_SIZE_MISMATCH, f"JPEGImages/cat/{_stem('cat', 1)}.jpg", trg_imsize=[640, 480, 3])
+    case(904, checks.KEYPOINT_OUTSIDE_IMAGE, trg_kps=[[12, 8], [33, 22], [64, 47]])
+    case(905, checks.NAN_KEYPOINTS, src_kps=[[10, 10], [None, 20], [50, 40]])
+    case(906, checks.EMPTY_BBOX, src_bndbox=[2, 3, 2, 44])
+    case(907, checks.INVERTED_BBOX, trg_bndbox=[40, 1, 5, 47])
+    case(908, checks.BBOX_OUTSIDE_IMAGE, trg_bndbox=[5, 1, 70, 47])
+    case(909, checks.SAME_IMAGE, trg=0)
+    case(910, checks.KEYPOINT_COUNT_MISMATCH, trg_kps=[[12, 8], [33, 22]])
+    case(911, checks.NO_KEYPOINTS, src_kps=[], trg_kps=[], kps_ids=[])
+    case(912, checks.INCONSISTENT_ANNOTATION, category="dog")
     missing = "000913-2010_000000-2010_000001:cat"
-    cases[missing] = (None, validate.MISSING_ANNOTATION, f"PairAnnotation/trn/{missing}.json")
+    cases[missing] = (None, checks.MISSING_ANNOTATION, f"PairAnnotation/trn/{missing}.json")
     return cases
 
 
@@ -126,13 +126,13 @@ def test_every_reason_is_reported_counted_and_kept(tmp_path: Path) -> None:
     summary = shard_dataset("spair", Location(str(root)), Location(str(out)), ["trn"])["trn"]
 
     rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
-    by_item = {r["item"]: r for r in rejects if r["reason"] != validate.DUPLICATE_PAIR}
+    by_item = {r["item"]: r for r in rejects if r["reason"] != checks.DUPLICATE_PAIR}
     for name, (_, reason, file) in cases.items():
         reject = by_item[name.replace(":", "_")] if name.replace(":", "_") in by_item else by_item[name]
         assert (reject["reason"], reject["file"]) == (reason, file), name
         assert reject["detail"] and reject["split"] == "trn"
-    assert by_item.get(malformed, by_item.get(malformed.replace(":", "_")))["reason"] == validate.MALFORMED_ANNOTATION
-    duplicates = [r for r in rejects if r["reason"] == validate.DUPLICATE_PAIR]
+    assert by_item.get(malformed, by_item.get(malformed.replace(":", "_")))["reason"] == checks.MALFORMED_ANNOTATION
+    duplicates = [r for r in rejects if r["reason"] == checks.DUPLICATE_PAIR]
     assert len(duplicates) == 1 and duplicates[0]["file"].endswith(f"{duplicate}.json")
 
     assert summary["input_pairs"] == len(lines) + 2
@@ -140,8 +140,8 @@ def test_every_reason_is_reported_counted_and_kept(tmp_path: Path) -> None:
     assert summary["rejected_pairs"] == len(cases) + 2 == len(rejects)
     assert summary["input_pairs"] == summary["written_pairs"] + summary["rejected_pairs"]
     assert set(summary["rejects_by_reason"]) == {r for _, r, _ in cases.values()} | {
-        validate.MALFORMED_ANNOTATION,
-        validate.DUPLICATE_PAIR,
+        checks.MALFORMED_ANNOTATION,
+        checks.DUPLICATE_PAIR,
     }
     index = pq.read_table(out / "index.parquet").to_pylist()
     assert len(index) == VALID_PAIRS

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines import validate
+from pipelines import checks
+from pipelines.builders import ap10k as builder
 from pipelines.schema import PairRecord, Reject, pair_to_json
 from pipelines.shard import shard_dataset
 from pipelines.sources import ap10k
@@ -22,7 +23,7 @@ from pipelines.storage import Location
 from tests import ap10k_format as fmt
 from tests.conftest import REPO_ROOT
 
-MALFORMED, INCONSISTENT = validate.MALFORMED_ANNOTATION, validate.INCONSISTENT_ANNOTATION
+MALFORMED, INCONSISTENT = checks.MALFORMED_ANNOTATION, checks.INCONSISTENT_ANNOTATION
 TRAIN_FILE, VAL_FILE, TEST_FILE = ap10k.RAW_ANNOTATION_FILES
 
 SMALL = ap10k.Protocol(
@@ -181,14 +182,14 @@ def test_real_sample_gives_its_only_possible_pair_cross_family(real_sample_root)
     for ref in (pair.src, pair.trg):
         with Image.open(real_sample_root / ref.path) as image:
             assert image.size == ref.declared_size
-    assert validate.check_pair(pair) == []
-    assert validate.check_against_images(pair, pair.src.declared_size, pair.trg.declared_size) == []
+    assert checks.check_pair(pair) == []
+    assert checks.check_against_images(pair, pair.src.declared_size, pair.trg.declared_size) == []
 
 
 def test_real_sample_builds_geoaware_image_annotations(real_sample_root, tmp_path, caplog):
     (real_sample_root / "data/000000000004.jpg").unlink()  # a missing image: warned, pairs still listed
     out = tmp_path / "layout"
-    counts = ap10k.build_pair_layout(Location(str(real_sample_root)), out)
+    counts = builder.build_pair_layout(Location(str(real_sample_root)), out)
     assert "000000000004.jpg is missing" in caplog.text
     assert not (out / "JPEGImages/Bovidae/antelope/000000000004.jpg").exists()
     assert counts == {split: int(split == "test_cross_family") for split in ap10k.SPLITS}
@@ -289,12 +290,12 @@ def release_with_excluded_images(tmp_path: Path) -> tuple[Path, list[tuple[str, 
     }
     root = fmt.write_raw_release(tmp_path, parts, with_images=False)
     expected = [
-        ("000000000301", TRAIN_FILE, validate.EXCLUDED_IMAGE, "crowd"),
-        ("000000000302", TRAIN_FILE, validate.EXCLUDED_IMAGE, "2 animals"),
-        ("000000000303", TRAIN_FILE, validate.EXCLUDED_IMAGE, "2 labelled keypoints"),
+        ("000000000301", TRAIN_FILE, checks.EXCLUDED_IMAGE, "crowd"),
+        ("000000000302", TRAIN_FILE, checks.EXCLUDED_IMAGE, "2 animals"),
+        ("000000000303", TRAIN_FILE, checks.EXCLUDED_IMAGE, "2 labelled keypoints"),
         ("000000000304", VAL_FILE, MALFORMED, "found 50"),
         ("000000000305", VAL_FILE, INCONSISTENT, "category_id 99"),
-        ("000000000306", VAL_FILE, validate.EXCLUDED_IMAGE, "0 animals"),
+        ("000000000306", VAL_FILE, checks.EXCLUDED_IMAGE, "0 animals"),
         ("000000000307", TEST_FILE, INCONSISTENT, "not listed in 'images'"),
     ]
     return root, expected
@@ -321,7 +322,7 @@ def test_sharding_reports_each_left_out_image_once(tmp_path):
     assert sum(sum(s["images_left_out_by_reason"].values()) for s in summary.values()) == len(expected)
     # The one usable pair has no image files in this release: rejected, counted, not lost.
     assert summary["test"]["input_pairs"] == summary["test"]["rejected_pairs"] == 1
-    assert summary["test"]["rejects_by_reason"] == {validate.MISSING_IMAGE: 1}
+    assert summary["test"]["rejects_by_reason"] == {checks.MISSING_IMAGE: 1}
 
 
 def test_reading_is_deterministic_and_the_seed_matters(mixed_raw_root):
@@ -393,12 +394,12 @@ def test_pair_layout_built_from_raw_reads_the_same(mixed_raw_root, tmp_path):
     parts["val"][1].append(fmt.coco_annotation(99, 99, "lion", iscrowd=1))
     fmt.write_raw_release(raw, parts)
     out = tmp_path / "layout"
-    counts = ap10k.build_pair_layout(Location(str(raw)), out, protocol=SMALL)
+    counts = builder.build_pair_layout(Location(str(raw)), out, protocol=SMALL)
     assert set(counts) == set(ap10k.SPLITS) and sum(counts.values()) > 0
     for split in ap10k.SPLITS:
         raw_items = list(ap10k.read_raw_pairs(Location(str(raw)), split, protocol=SMALL))
         layout_items = read(out, split)
-        assert [(r.item, r.reason) for r in rejects_of(raw_items)] == [("000000000099", validate.EXCLUDED_IMAGE)]
+        assert [(r.item, r.reason) for r in rejects_of(raw_items)] == [("000000000099", checks.EXCLUDED_IMAGE)]
         assert rejects_of(layout_items) == []
         raw_pairs, layout_pairs = pairs_of(raw_items), layout_items
         assert len(layout_pairs) == counts[split]
@@ -415,20 +416,26 @@ def test_pair_layout_built_from_raw_reads_the_same(mixed_raw_root, tmp_path):
             assert json.loads((out / built.origin).read_text())["src_json_path"].startswith("ImageAnnotation/")
     assert not (out / "ImageAnnotation/Felidae/lion/000000000099.json").exists()
     with pytest.raises(FileExistsError):
-        ap10k.build_pair_layout(Location(str(raw)), out)
+        builder.build_pair_layout(Location(str(raw)), out)
 
 
 def test_cli_builds_the_default_protocol_layout(mixed_raw_root, tmp_path, capsys):
     out = tmp_path / "cli"
-    counts = ap10k.main(["--raw", str(mixed_raw_root), "--out", str(out), "--seed", "3"])
+    counts = builder.main(["--raw", str(mixed_raw_root), "--out", str(out), "--seed", "3"])
     assert counts == {split: len(read(mixed_raw_root, split, seed=3)) for split in ap10k.SPLITS}
     assert sorted(p.name for p in (out / "PairAnnotation").iterdir()) == sorted(ap10k.SPLITS)
     with pytest.raises(SystemExit) as exit_info:
-        ap10k.main(["--help"])
+        builder.main(["--help"])
     assert exit_info.value.code == 0 and "--raw" in capsys.readouterr().out
-    command = [sys.executable, "-m", "pipelines.sources.ap10k", "--help"]
+    command = [sys.executable, "-m", "pipelines.builders.ap10k", "--help"]
     run = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
     assert run.returncode == 0 and "--seed" in run.stdout
+
+
+def test_reading_a_raw_release_writes_nothing(mixed_raw_root):
+    before = {path: path.stat().st_mtime_ns for path in mixed_raw_root.rglob("*")}
+    assert sum(len(read(mixed_raw_root, split)) for split in ap10k.SPLITS) > 0
+    assert {path: path.stat().st_mtime_ns for path in mixed_raw_root.rglob("*")} == before
 
 
 def test_broken_raw_release_files_stop_the_read(tmp_path):
@@ -490,7 +497,7 @@ def layout_root(tmp_path) -> tuple[Path, dict[str, tuple[str, str]]]:
         (25, INCONSISTENT),
         (26, INCONSISTENT),
         (27, INCONSISTENT),
-        (28, validate.MISSING_ANNOTATION),
+        (28, checks.MISSING_ANNOTATION),
     ):
         add("test", f"000000000011-{image_id:012d}:cat", pair(ann[11], ann[image_id]), reason, ann[image_id])
     add("test", "000000000011-000000000014:cat", pair(ann[11], ann[12]), INCONSISTENT)  # the name says 14
@@ -545,11 +552,11 @@ def test_layout_pair_record_values_and_rerooted_paths(layout_root):
     np.testing.assert_array_equal(pairs["000000000012_000000000015_cat"].kps_ids, [3])
     no_mutual = pairs["000000000012_000000000016_cat"]
     assert no_mutual.trg.path == "JPEGImages/Felidae/cat/000000000016.jpg" and no_mutual.src_kps.shape == (0, 2)
-    assert [r.reason for r in validate.check_pair(no_mutual)] == [validate.NO_KEYPOINTS]
+    assert [r.reason for r in checks.check_pair(no_mutual)] == [checks.NO_KEYPOINTS]
     [cross_family] = pairs_of(read(root, "test_cross_family"))
     assert cross_family.category == "all" and cross_family.extras["trg_family"] == "Bovidae"
     np.testing.assert_array_equal(cross_family.trg_bbox, [0, 0, 0, 5])
-    assert [r.reason for r in validate.check_pair(cross_family)] == [validate.EMPTY_BBOX]
+    assert [r.reason for r in checks.check_pair(cross_family)] == [checks.EMPTY_BBOX]
 
 
 def test_layout_split_folder_and_root_errors(layout_root, tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines import validate
+from pipelines import checks
 from pipelines.schema import ImageRef, PairRecord, Reject
 from pipelines.sources import get_source, pfpascal
 from pipelines.storage import Location
@@ -64,8 +64,8 @@ def test_mat_keypoints_keep_rows_annotated_in_both_images_shifted_to_zero_based(
     assert pair.src_kps.shape == (2, 2) and pair.src_bbox.shape == (4,)
     assert pair.origin == "trn_pairs.csv:2"
     assert pair.extras == {"csv": "trn_pairs.csv", "class_id": 3, "flip": 0}
-    assert validate.check_pair(pair) == []
-    assert validate.check_against_images(pair, (150, 100), (150, 100)) == []
+    assert checks.check_pair(pair) == []
+    assert checks.check_against_images(pair, (150, 100), (150, 100)) == []
 
 
 def test_flip_rows_get_a_flip_key_and_exact_repeats_the_same_key(bird_root: Path) -> None:
@@ -104,8 +104,8 @@ def test_nan_and_out_of_image_values_pass_through_for_the_shard_stage(bird_root:
     [pair] = read_all(bird_root, "test")
     assert isinstance(pair, PairRecord)
     assert np.isnan(pair.src_kps[0, 0]) and pair.src_kps[1, 0] == 499.0
-    reasons = {reject.reason for reject in validate.check_pair(pair)}
-    assert reasons == {validate.NAN_KEYPOINTS, validate.SAME_IMAGE}
+    reasons = {reject.reason for reject in checks.check_pair(pair)}
+    assert reasons == {checks.NAN_KEYPOINTS, checks.SAME_IMAGE}
 
 
 def test_csv_lookup_takes_the_first_existing_name_per_split(bird_root: Path) -> None:
@@ -149,7 +149,7 @@ def test_header_without_the_pair_columns_is_a_usage_error(bird_root: Path) -> No
 def test_malformed_rows_are_rejected_with_their_line(bird_root: Path, row: list[object], detail: str) -> None:
     write_csv(bird_root / "trn_pairs.csv", MAT_HEADER, [row])
     reject = only_reject(read_all(bird_root, "trn"))
-    assert (reject.reason, reject.file, reject.item) == (validate.MALFORMED_ANNOTATION, "trn_pairs.csv", "trn_pairs.csv:2")
+    assert (reject.reason, reject.file, reject.item) == (checks.MALFORMED_ANNOTATION, "trn_pairs.csv", "trn_pairs.csv:2")
     assert detail in reject.detail
 
 
@@ -157,7 +157,7 @@ def test_missing_mat_is_a_missing_annotation_in_the_class_folder(bird_root: Path
     # Class 4 (boat) has no .mat for these images: the bird folder does not count.
     write_csv(bird_root / "trn_pairs.csv", MAT_HEADER, [bird_row(class_id=4)])
     reject = only_reject(read_all(bird_root, "trn"))
-    assert (reject.reason, reject.file) == (validate.MISSING_ANNOTATION, "Annotations/boat/2008_000001.mat")
+    assert (reject.reason, reject.file) == (checks.MISSING_ANNOTATION, "Annotations/boat/2008_000001.mat")
     assert reject.item == "2008_000001_2008_000002"
 
 
@@ -179,7 +179,7 @@ def test_malformed_mat_files_are_rejected(bird_root: Path, kps, bbox, content: b
         mat_path.write_bytes(content)
     write_csv(bird_root / "trn_pairs.csv", MAT_HEADER, [bird_row()])
     reject = only_reject(read_all(bird_root, "trn"))
-    assert (reject.reason, reject.file) == (validate.MALFORMED_ANNOTATION, "Annotations/bird/2008_000002.mat")
+    assert (reject.reason, reject.file) == (checks.MALFORMED_ANNOTATION, "Annotations/bird/2008_000002.mat")
     assert detail in reject.detail
 
 
@@ -187,16 +187,16 @@ def test_mat_keypoint_row_counts_must_agree(bird_root: Path) -> None:
     write_pascal_mat(bird_root / "Annotations/bird/2008_000002.mat", TRG_KPS[:3], TRG_BBOX)
     write_csv(bird_root / "trn_pairs.csv", MAT_HEADER, [bird_row()])
     reject = only_reject(read_all(bird_root, "trn"))
-    assert reject.reason == validate.KEYPOINT_COUNT_MISMATCH
+    assert reject.reason == checks.KEYPOINT_COUNT_MISMATCH
     assert "has 4 keypoint rows" in reject.detail and "2008_000002.mat 3" in reject.detail
 
 
 @pytest.mark.parametrize(
     ("cells", "reason", "detail"),
     [
-        (("1;2", "1;2", "1;2", "1"), validate.KEYPOINT_COUNT_MISMATCH, "{'XA': 2, 'YA': 2, 'XB': 2, 'YB': 1}"),
-        (("1;2", "1;two", "1;2", "1;2"), validate.MALFORMED_ANNOTATION, "YA '1;two' is not a ';'-separated list"),
-        (("1;;2", "1;2;3", "1;2;3", "1;2;3"), validate.MALFORMED_ANNOTATION, "XA '1;;2'"),
+        (("1;2", "1;2", "1;2", "1"), checks.KEYPOINT_COUNT_MISMATCH, "{'XA': 2, 'YA': 2, 'XB': 2, 'YB': 1}"),
+        (("1;2", "1;two", "1;2", "1;2"), checks.MALFORMED_ANNOTATION, "YA '1;two' is not a ';'-separated list"),
+        (("1;;2", "1;2;3", "1;2;3", "1;2;3"), checks.MALFORMED_ANNOTATION, "XA '1;;2'"),
     ],
 )
 def test_inline_keypoint_lists_must_parse_and_agree(bird_root: Path, cells: tuple[str, ...], reason: str, detail: str) -> None:
@@ -222,7 +222,7 @@ def test_one_item_per_row_and_each_mat_read_once(bird_root: Path, monkeypatch: p
     monkeypatch.setattr(Location, "read_bytes", counting_read_bytes)
     items = read_all(bird_root, "trn")
     assert [type(item).__name__ for item in items] == ["PairRecord", "PairRecord", "Reject", "Reject", "Reject"]
-    assert [item.reason for item in items[2:]] == [validate.MISSING_ANNOTATION, validate.MISSING_ANNOTATION, validate.MALFORMED_ANNOTATION]
+    assert [item.reason for item in items[2:]] == [checks.MISSING_ANNOTATION, checks.MISSING_ANNOTATION, checks.MALFORMED_ANNOTATION]
     assert all(count == 1 for count in reads.values()), reads
 
 
@@ -280,8 +280,8 @@ def test_real_test_list_keypoints_round_trip_exactly(real_pascal_root: Path) -> 
         np.testing.assert_array_equal(pair.trg_kps, np.column_stack([expected["XB"], expected["YB"]]))
         np.testing.assert_array_equal(pair.kps_ids, np.arange(len(expected["XA"])))
         assert "flip" not in pair.extras
-        assert validate.check_pair(pair) == []
-        assert validate.check_against_images(pair, REAL_IMAGE_SIZE, REAL_IMAGE_SIZE) == []
+        assert checks.check_pair(pair) == []
+        assert checks.check_against_images(pair, REAL_IMAGE_SIZE, REAL_IMAGE_SIZE) == []
     per_class = Counter(pair.extras["class_id"] for pair in items)
     assert tuple(per_class[class_id] for class_id in range(1, 21)) == TEST_PAIRS_PER_CLASS
     assert sum(len(pair.kps_ids) for pair in items) == 2414

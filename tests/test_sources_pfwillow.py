@@ -9,7 +9,7 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from pipelines import validate
+from pipelines import checks
 from pipelines.schema import ImageRef, PairRecord, Reject
 from pipelines.sources import get_source, pfwillow
 from pipelines.storage import Location
@@ -56,8 +56,8 @@ def test_keypoints_shift_to_zero_based_and_bbox_is_the_keypoint_box(willow_root:
     assert pair.src_kps.shape == (10, 2) and pair.src_kps.dtype == np.float64 and pair.kps_ids.dtype == np.int64
     assert pair.origin == "test_pairs.csv:2"
     assert pair.extras == {"subclass": "car(G)"}
-    assert validate.check_pair(pair) == []
-    assert validate.check_against_images(pair, (300, 200), (300, 200)) == []
+    assert checks.check_pair(pair) == []
+    assert checks.check_against_images(pair, (300, 200), (300, 200)) == []
 
 
 def test_image_paths_fall_back_to_the_renamed_release_folders(tmp_path: Path) -> None:
@@ -94,7 +94,7 @@ def test_nan_keypoints_pass_through_to_the_shard_stage(willow_root: Path) -> Non
     write_pairs(willow_root, [willow_row(IMAGE_A, IMAGE_B, pts, PTS_B)])
     [pair] = read_all(willow_root)
     assert np.isnan(pair.src_kps[3, 1]) and np.isnan(pair.src_bbox[1])
-    assert validate.NAN_KEYPOINTS in {reject.reason for reject in validate.check_pair(pair)}
+    assert checks.NAN_KEYPOINTS in {reject.reason for reject in checks.check_pair(pair)}
 
 
 def test_csv_lookup_split_and_header_errors_are_usage_errors(willow_root: Path) -> None:
@@ -120,21 +120,21 @@ def bad_number_row() -> list[object]:
 @pytest.mark.parametrize(
     ("row", "reason", "item", "detail"),
     [
-        (bad_number_row(), validate.MALFORMED_ANNOTATION, "car(G)_Cars_006a_Cars_007a", "not numbers: {'YA1': 'n/a'}"),
-        (willow_row(IMAGE_A, IMAGE_B, PTS_A, PTS_B)[:-1], validate.MALFORMED_ANNOTATION, "test_pairs.csv:2", "test_pairs.csv:2: 41 fields, the header has 42"),
+        (bad_number_row(), checks.MALFORMED_ANNOTATION, "car(G)_Cars_006a_Cars_007a", "not numbers: {'YA1': 'n/a'}"),
+        (willow_row(IMAGE_A, IMAGE_B, PTS_A, PTS_B)[:-1], checks.MALFORMED_ANNOTATION, "test_pairs.csv:2", "test_pairs.csv:2: 41 fields, the header has 42"),
         (
             willow_row(IMAGE_A, "PF-dataset-WILLOW/car(M)/Cars_007a.png", PTS_A, PTS_B),
-            validate.INCONSISTENT_ANNOTATION,
+            checks.INCONSISTENT_ANNOTATION,
             "test_pairs.csv:2",
             "within one subclass",
         ),
         (
             willow_row("PF-dataset-WILLOW/dog(M)/a.png", "PF-dataset-WILLOW/dog(M)/b.png", PTS_A, PTS_B),
-            validate.MALFORMED_ANNOTATION,
+            checks.MALFORMED_ANNOTATION,
             "test_pairs.csv:2",
             "'dog(M)' is not a PF-WILLOW subclass",
         ),
-        (willow_row("Cars_006a.png", IMAGE_B, PTS_A, PTS_B), validate.MALFORMED_ANNOTATION, "test_pairs.csv:2", "is not [<folder>/]<subclass>/<name>"),
+        (willow_row("Cars_006a.png", IMAGE_B, PTS_A, PTS_B), checks.MALFORMED_ANNOTATION, "test_pairs.csv:2", "is not [<folder>/]<subclass>/<name>"),
     ],
 )
 def test_rows_that_contradict_the_format_are_rejected(willow_root: Path, row: list[object], reason: str, item: str, detail: str) -> None:
@@ -174,7 +174,7 @@ def test_real_set_matches_the_mat_files_exactly(shared_data: Path) -> None:
             np.testing.assert_array_equal(kps, pts_of[ref.path].T - 1.0)
             np.testing.assert_array_equal(bbox, [*kps.min(axis=0), *kps.max(axis=0)])
         assert pair.group == pair.extras["subclass"] == pair.src.path.split("/")[1]
-        assert validate.check_pair(pair) == []
-        assert validate.check_against_images(pair, size_of[pair.src.path], size_of[pair.trg.path]) == []
+        assert checks.check_pair(pair) == []
+        assert checks.check_against_images(pair, size_of[pair.src.path], size_of[pair.trg.path]) == []
     assert {pair.category for pair in items} == {"car", "duck", "motorbike", "winebottle"}
     assert {pair.group for pair in items} == set(pfwillow.SUBCLASSES)

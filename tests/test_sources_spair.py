@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines import validate
+from pipelines import checks
 from pipelines.schema import ImageRef, PairRecord, Reject
 from pipelines.sources import get_source, spair
 from pipelines.storage import Location
@@ -58,8 +58,8 @@ def test_pair_values_parsed_exactly(tmp_path):
         "trg_pose": "Frontal",
         "mirror": 0,
     }
-    assert validate.check_pair(pair) == []
-    assert validate.check_against_images(pair, (500, 375), (500, 333)) == []
+    assert checks.check_pair(pair) == []
+    assert checks.check_against_images(pair, (500, 375), (500, 333)) == []
 
 
 def test_string_ids_float_coordinates_and_numeric_poses(tmp_path):
@@ -76,14 +76,14 @@ def test_null_keypoints_pass_as_nan_for_the_shard_stage(tmp_path):
     pair = read_one(tmp_path, pair_document(src_kps=[[100, None], None, [410, 200]]))
     assert math.isnan(pair.src_kps[0, 1]) and np.isnan(pair.src_kps[1]).all()
     assert pair.src_kps[0, 0] == 100.0
-    assert [r.reason for r in validate.check_pair(pair)] == [validate.NAN_KEYPOINTS]
+    assert [r.reason for r in checks.check_pair(pair)] == [checks.NAN_KEYPOINTS]
 
 
 def test_out_of_image_values_are_not_filtered(tmp_path):
     pair = read_one(tmp_path, pair_document(src_kps=[[100, 150], [600, 120], [410, 200]], src_bndbox=[487, 97, 12, 290]))
     np.testing.assert_array_equal(pair.src_kps[1], [600.0, 120.0])
     np.testing.assert_array_equal(pair.src_bbox, [487.0, 97.0, 12.0, 290.0])
-    assert [r.reason for r in validate.check_pair(pair)] == [validate.INVERTED_BBOX]
+    assert [r.reason for r in checks.check_pair(pair)] == [checks.INVERTED_BBOX]
 
 
 def spair_key(name: str) -> str:
@@ -139,7 +139,7 @@ def test_missing_annotation(tmp_path):
     assert reject == Reject(
         item="000009-2008_001546-2009_000327_aeroplane",
         file=ORIGIN,
-        reason=validate.MISSING_ANNOTATION,
+        reason=checks.MISSING_ANNOTATION,
         detail=f"{ORIGIN} does not exist (Layout line 1)",
     )
 
@@ -147,7 +147,7 @@ def test_missing_annotation(tmp_path):
 def test_malformed_layout_line(tmp_path):
     write_layout(tmp_path, "trn", "2008_001546 2009_000327 aeroplane\n")
     (reject,) = spair.read_pairs(Location(str(tmp_path)), "trn")
-    assert (reject.reason, reject.file) == (validate.MALFORMED_ANNOTATION, "Layout/large/trn.txt")
+    assert (reject.reason, reject.file) == (checks.MALFORMED_ANNOTATION, "Layout/large/trn.txt")
     assert "line 1" in reject.detail
 
 
@@ -160,34 +160,34 @@ def without(key: str) -> dict:
 @pytest.mark.parametrize(
     ("doc", "reason", "detail"),
     [
-        ('{"category": "aeroplane", ', validate.MALFORMED_ANNOTATION, "not valid JSON"),
-        ("[1, 2]", validate.MALFORMED_ANNOTATION, "top level is a list"),
-        (without("trg_bndbox"), validate.MALFORMED_ANNOTATION, "'trg_bndbox' is missing"),
-        (without("kps_ids"), validate.MALFORMED_ANNOTATION, "'kps_ids' is missing"),
-        (without("occlusion"), validate.MALFORMED_ANNOTATION, "'occlusion' is missing"),
-        (pair_document(category=5), validate.MALFORMED_ANNOTATION, "'category' is 5"),
-        (pair_document(src_imsize="500x375"), validate.MALFORMED_ANNOTATION, "'src_imsize'"),
-        (pair_document(trg_imsize=[500.5, 333, 3]), validate.MALFORMED_ANNOTATION, "'trg_imsize'"),
-        (pair_document(src_bndbox=[12, 97, 487]), validate.MALFORMED_ANNOTATION, "'src_bndbox'"),
-        (pair_document(trg_bndbox=[44, "51", 460, 262]), validate.MALFORMED_ANNOTATION, "'trg_bndbox'"),
-        (pair_document(src_kps=[[100, 150], [230], [410, 200]]), validate.MALFORMED_ANNOTATION, "src_kps[1]"),
-        (pair_document(trg_kps=[[90, 140], [250, "130"], [400, 210]]), validate.MALFORMED_ANNOTATION, "trg_kps[1]"),
-        (pair_document(kps_ids="0,7,11"), validate.MALFORMED_ANNOTATION, "'kps_ids'"),
-        (pair_document(viewpoint_variation="1"), validate.MALFORMED_ANNOTATION, "'viewpoint_variation'"),
-        (pair_document(truncation=True), validate.MALFORMED_ANNOTATION, "'truncation'"),
-        (pair_document(trg_pose=None), validate.MALFORMED_ANNOTATION, "'trg_pose'"),
-        (pair_document(mirror="0"), validate.MALFORMED_ANNOTATION, "'mirror'"),
-        (pair_document(category="bicycle"), validate.INCONSISTENT_ANNOTATION, "category 'bicycle'"),
-        (pair_document(src_imname="2008_001547.jpg"), validate.INCONSISTENT_ANNOTATION, "src_imname '2008_001547.jpg'"),
-        (pair_document(trg_imname="2008_001546.jpg"), validate.INCONSISTENT_ANNOTATION, "trg_imname"),
-        (pair_document(kps_ids=[0, 7, 30]), validate.INCONSISTENT_ANNOTATION, "kps_ids[2] is 30"),
-        (pair_document(kps_ids=[-1, 7, 11]), validate.INCONSISTENT_ANNOTATION, "kps_ids[0] is -1"),
-        (pair_document(kps_ids=[0, 7.5, 11]), validate.INCONSISTENT_ANNOTATION, "kps_ids[1] is 7.5"),
-        (pair_document(kps_ids=["0", "seven", "11"]), validate.INCONSISTENT_ANNOTATION, "kps_ids[1] is 'seven'"),
-        (pair_document(kps_ids=[0, True, 11]), validate.INCONSISTENT_ANNOTATION, "kps_ids[1] is True"),
-        (pair_document(kps_ids=[0, 7, "7"]), validate.INCONSISTENT_ANNOTATION, "repeat [7]"),
-        (pair_document(kps_ids=[0, 7]), validate.KEYPOINT_COUNT_MISMATCH, "3 src_kps, 3 trg_kps, 2 kps_ids"),
-        (pair_document(trg_kps=[[90, 140]]), validate.KEYPOINT_COUNT_MISMATCH, "3 src_kps, 1 trg_kps, 3 kps_ids"),
+        ('{"category": "aeroplane", ', checks.MALFORMED_ANNOTATION, "not valid JSON"),
+        ("[1, 2]", checks.MALFORMED_ANNOTATION, "top level is a list"),
+        (without("trg_bndbox"), checks.MALFORMED_ANNOTATION, "'trg_bndbox' is missing"),
+        (without("kps_ids"), checks.MALFORMED_ANNOTATION, "'kps_ids' is missing"),
+        (without("occlusion"), checks.MALFORMED_ANNOTATION, "'occlusion' is missing"),
+        (pair_document(category=5), checks.MALFORMED_ANNOTATION, "'category' is 5"),
+        (pair_document(src_imsize="500x375"), checks.MALFORMED_ANNOTATION, "'src_imsize'"),
+        (pair_document(trg_imsize=[500.5, 333, 3]), checks.MALFORMED_ANNOTATION, "'trg_imsize'"),
+        (pair_document(src_bndbox=[12, 97, 487]), checks.MALFORMED_ANNOTATION, "'src_bndbox'"),
+        (pair_document(trg_bndbox=[44, "51", 460, 262]), checks.MALFORMED_ANNOTATION, "'trg_bndbox'"),
+        (pair_document(src_kps=[[100, 150], [230], [410, 200]]), checks.MALFORMED_ANNOTATION, "src_kps[1]"),
+        (pair_document(trg_kps=[[90, 140], [250, "130"], [400, 210]]), checks.MALFORMED_ANNOTATION, "trg_kps[1]"),
+        (pair_document(kps_ids="0,7,11"), checks.MALFORMED_ANNOTATION, "'kps_ids'"),
+        (pair_document(viewpoint_variation="1"), checks.MALFORMED_ANNOTATION, "'viewpoint_variation'"),
+        (pair_document(truncation=True), checks.MALFORMED_ANNOTATION, "'truncation'"),
+        (pair_document(trg_pose=None), checks.MALFORMED_ANNOTATION, "'trg_pose'"),
+        (pair_document(mirror="0"), checks.MALFORMED_ANNOTATION, "'mirror'"),
+        (pair_document(category="bicycle"), checks.INCONSISTENT_ANNOTATION, "category 'bicycle'"),
+        (pair_document(src_imname="2008_001547.jpg"), checks.INCONSISTENT_ANNOTATION, "src_imname '2008_001547.jpg'"),
+        (pair_document(trg_imname="2008_001546.jpg"), checks.INCONSISTENT_ANNOTATION, "trg_imname"),
+        (pair_document(kps_ids=[0, 7, 30]), checks.INCONSISTENT_ANNOTATION, "kps_ids[2] is 30"),
+        (pair_document(kps_ids=[-1, 7, 11]), checks.INCONSISTENT_ANNOTATION, "kps_ids[0] is -1"),
+        (pair_document(kps_ids=[0, 7.5, 11]), checks.INCONSISTENT_ANNOTATION, "kps_ids[1] is 7.5"),
+        (pair_document(kps_ids=["0", "seven", "11"]), checks.INCONSISTENT_ANNOTATION, "kps_ids[1] is 'seven'"),
+        (pair_document(kps_ids=[0, True, 11]), checks.INCONSISTENT_ANNOTATION, "kps_ids[1] is True"),
+        (pair_document(kps_ids=[0, 7, "7"]), checks.INCONSISTENT_ANNOTATION, "repeat [7]"),
+        (pair_document(kps_ids=[0, 7]), checks.KEYPOINT_COUNT_MISMATCH, "3 src_kps, 3 trg_kps, 2 kps_ids"),
+        (pair_document(trg_kps=[[90, 140]]), checks.KEYPOINT_COUNT_MISMATCH, "3 src_kps, 1 trg_kps, 3 kps_ids"),
     ],
 )
 def test_rejects(tmp_path, doc, reason, detail):
@@ -195,4 +195,4 @@ def test_rejects(tmp_path, doc, reason, detail):
     assert isinstance(reject, Reject)
     assert (reject.item, reject.file, reject.reason, reject.kind) == ("000009-2008_001546-2009_000327_aeroplane", ORIGIN, reason, "pair")
     assert detail in reject.detail
-    assert reject.reason in validate.REASONS
+    assert reject.reason in checks.REASONS

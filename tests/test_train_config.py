@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.storage import arrow_filesystem
 from sm_model.simplematch import SimpleMatch
-from sm_train.config import ConfigError, TrainConfig, config_keys, dump_yaml, load_config
-from sm_train.trainer import resolve_paths, storage_location
+from sm_train.config import ConfigError, TrainConfig, config_keys, dump_yaml, load_config, resolve_paths
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -89,13 +89,27 @@ def test_config_keys_lists_every_leaf() -> None:
     assert TrainConfig() == load_config(None)
 
 
-def test_paths_and_storage(tmp_path: Path) -> None:
+def test_paths_and_storage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = resolve_paths(load_config(None, ["data.shards=rel/shards", "run.storage_path=s3://bucket/runs"]), tmp_path)
     assert config.data.shards == str(tmp_path / "rel/shards")
     assert config.run.storage_path == "s3://bucket/runs"
-    assert storage_location("s3://bucket/runs", None) == ("s3://bucket/runs", None)
-    path, filesystem = storage_location("s3://bucket/runs", "http://127.0.0.1:9000")
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    assert arrow_filesystem("s3://bucket/runs", None) == ("s3://bucket/runs", None)
+    assert arrow_filesystem(str(tmp_path), "http://127.0.0.1:9000") == (str(tmp_path), None)
+    path, filesystem = arrow_filesystem("s3://bucket/runs", "http://127.0.0.1:9000")
     assert path == "bucket/runs" and filesystem is not None
+    # One endpoint setting: the environment's, where the config gives none.
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
+    assert arrow_filesystem("s3://bucket/runs", None)[1] is not None
+
+
+def test_one_s3_endpoint_key_and_the_selection_alpha() -> None:
+    assert load_config(None, ["run.s3_endpoint_url=http://127.0.0.1:9000"]).run.s3_endpoint_url == "http://127.0.0.1:9000"
+    for old in ("data.s3_endpoint_url", "run.storage_endpoint_url"):
+        with pytest.raises(ConfigError, match="unknown key"):
+            load_config(None, [f"{old}=http://127.0.0.1:9000"])
+    with pytest.raises(ConfigError, match=r"val_alphas \[0.05, 0.15\] must hold 0.1: val/pck@0.1 ranks the checkpoints"):
+        load_config(None, ["train.val_alphas=[0.05, 0.15]"])
 
 
 def test_demo_config_builds_a_model() -> None:

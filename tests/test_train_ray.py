@@ -47,7 +47,7 @@ def test_two_workers_exact_epochs_identical_replicas_s3_and_continue(
     ray_cluster: str, demo_shards: Path, s3_endpoint: str, s3_bucket: str
 ) -> None:
     storage = f"{s3_bucket}/runs"
-    settings = ["run.name=two", "run.num_workers=2", f"run.storage_endpoint_url={s3_endpoint}"]
+    settings = ["run.name=two", "run.num_workers=2", f"run.s3_endpoint_url={s3_endpoint}"]
     first = build_trainer(_config(demo_shards, storage, *settings, "train.epochs=1")).fit()
     metrics = first.metrics
     # 300 training pairs over 2 workers x batch 4: 37 steps, 296 pairs seen, each once.

@@ -95,7 +95,7 @@ def test_results_are_published_to_remote_storage(s3_endpoint: str, s3_bucket: st
     from sm_train.tune import publish_results
 
     (tmp_path / "results.md").write_text("| trial |\n")
-    base = load_config(None, [f"run.storage_path={s3_bucket}/runs", f"run.storage_endpoint_url={s3_endpoint}"])
+    base = load_config(None, [f"run.storage_path={s3_bucket}/runs", f"run.s3_endpoint_url={s3_endpoint}"])
     where = publish_results(tmp_path, base, "sweep")
     assert where == f"{s3_bucket}/runs/sweep/results"
     assert Location(where, s3_endpoint).read_text("results.md") == "| trial |\n"

@@ -4,6 +4,7 @@ Every reader module exposes ``SPLITS`` (the split names it accepts, the first be
 and ``read_pairs(root, split)``, a generator of :class:`~pipelines.schema.PairRecord` and
 :class:`~pipelines.schema.Reject` items: one item per input pair, so that input pairs =
 written + rejected always holds downstream. ``SOURCES`` is the registry the CLI dispatches on.
+Readers only read; a layout that has to be made first is made by :mod:`pipelines.builders`.
 """
 
 from __future__ import annotations

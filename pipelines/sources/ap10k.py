@@ -16,19 +16,13 @@ Two layouts are recognised from the root, in this order:
    ``ImageAnnotation`` -> ``JPEGImages`` and ``.json`` -> ``.jpg`` (as GeoAware derives it).
 
 2. The raw AP-10K release (the root holds ``annotations/``): ``annotations/ap10k-{train,val,test}-
-   split1.json`` (COCO style) and ``data/<file_name>``. The pairs are built in memory following
-   GeoAware's ``prepare_ap10k`` recipe (see :func:`sample_pairs`); :func:`build_pair_layout` (and
-   ``python -m pipelines.sources.ap10k --raw DIR --out DIR``) writes them as layout 1, and reading
+   split1.json`` (COCO style) and ``data/<file_name>``. The pairs are built in memory, nothing is
+   written, following GeoAware's ``prepare_ap10k`` recipe as
+   :func:`pipelines.builders.ap10k.sample_pairs` implements it (that module's docstring lists where it
+   deliberately differs from GeoAware's script). :mod:`pipelines.builders.ap10k` (``python -m
+   pipelines.builders.ap10k --raw DIR --out DIR``) writes the same pairs as layout 1, and reading
    that layout gives the same pair records as reading the raw root (only image paths and ``origin``
    differ). Images the recipe leaves out are yielded as ``Reject(kind="image")`` in every split.
-
-   Deliberate differences from GeoAware's script, so a rebuilt benchmark is reproducible but not
-   pair-for-pair GeoAware's: images are split and paired in image-id order (GeoAware used
-   ``os.walk`` order, which depends on the filesystem); crowd images are found from COCO's own
-   ``iscrowd`` and from several annotations on one image (GeoAware kept the first annotation and
-   excluded a released list of crowd ids); the keypoint counts use ``v > 0`` (GeoAware:
-   ``num_keypoints`` per image and ``sum(v_s / 2 * v_t / 2)`` per pair, equal when ``v`` is 0 or 2);
-   ``trn`` samples ordered pairs; each split has its own ``random.Random(seed)``.
 
 Keypoints
 ---------
@@ -54,26 +48,21 @@ Keys: image ``safe_key(species, 12-digit id)``; pair ``safe_key(src id, trg id, 
 
 from __future__ import annotations
 
-import argparse
 import functools
 import itertools
 import json
-import logging
-import random
 import re
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import Any
 
 import numpy as np
 
-from pipelines.schema import ImageRef, PairRecord, Reject, safe_key
+from pipelines.checks import EXCLUDED_IMAGE, INCONSISTENT_ANNOTATION, MALFORMED_ANNOTATION, MISSING_ANNOTATION
+from pipelines.schema import ImageRef, PairRecord, Reject, RejectError, safe_key
 from pipelines.storage import Location
-from pipelines.validate import EXCLUDED_IMAGE, INCONSISTENT_ANNOTATION, MALFORMED_ANNOTATION, MISSING_ANNOTATION
-
-log = logging.getLogger(__name__)
 
 DATASET = "ap10k"
 INTRA_SPLITS: tuple[str, ...] = ("trn", "val", "test")
@@ -140,13 +129,10 @@ class AnimalImage:
         return safe_key(self.species, image_stem(self.image_id))
 
 
-SpeciesLists = dict[tuple[str, str], list[AnimalImage]]
-"""``{(family, species): images}``, the images sorted by id."""
-
-
 @dataclass(frozen=True)
 class PairSpec:
-    """A pair as the recipe lists it: ``PairAnnotation/<split>/<name>.json``."""
+    """A pair as the recipe (:func:`pipelines.builders.ap10k.sample_pairs`) lists it:
+    ``PairAnnotation/<split>/<name>.json``."""
 
     src: AnimalImage
     trg: AnimalImage
@@ -165,15 +151,6 @@ class RawRelease:
     images: list[AnimalImage]
     rejects: list[Reject]
     documents: dict[int, dict[str, Any]]
-
-
-class AnnotationError(Exception):
-    """An annotation that cannot be used; ``reason`` is a :mod:`pipelines.validate` constant."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
 
 
 def image_stem(image_id: int) -> str:
@@ -235,18 +212,18 @@ def make_pair_record(split: str, pair: PairSpec, origin: str) -> PairRecord:
 
 def parse_image_annotation(doc: Any, image_path: str, annotation_file: str) -> AnimalImage:
     """An :class:`AnimalImage` from a GeoAware image document (``{**annotation, **image, name,
-    supercategory}``); :class:`AnnotationError` (malformed) when a field is missing or wrong."""
+    supercategory}``); :class:`RejectError` (malformed) when a field is missing or wrong."""
     if not isinstance(doc, dict):
-        raise AnnotationError(MALFORMED_ANNOTATION, f"expected a JSON object, found {type(doc).__name__}")
+        raise RejectError(MALFORMED_ANNOTATION, f"expected a JSON object, found {type(doc).__name__}")
     missing = [name for name in _IMAGE_ANNOTATION_FIELDS if name not in doc]
     if missing:
-        raise AnnotationError(MALFORMED_ANNOTATION, f"missing field(s) {', '.join(missing)}")
+        raise RejectError(MALFORMED_ANNOTATION, f"missing field(s) {', '.join(missing)}")
     for name in ("id", "width", "height"):
         if not _is_int(doc[name]):
-            raise AnnotationError(MALFORMED_ANNOTATION, f"{name} is {doc[name]!r}, not an integer")
+            raise RejectError(MALFORMED_ANNOTATION, f"{name} is {doc[name]!r}, not an integer")
     for name in ("name", "supercategory"):
         if not isinstance(doc[name], str) or not doc[name]:
-            raise AnnotationError(MALFORMED_ANNOTATION, f"{name} is {doc[name]!r}, not a name")
+            raise RejectError(MALFORMED_ANNOTATION, f"{name} is {doc[name]!r}, not a name")
     return AnimalImage(
         image_id=doc["id"],
         species=doc["name"],
@@ -273,12 +250,12 @@ def _parse_keypoints(values: Any) -> np.ndarray:
     if not isinstance(values, list) or len(values) != expected or not all(_is_number(v) for v in values):
         count = len(values) if isinstance(values, list) else type(values).__name__
         detail = f"keypoints must be {expected} numbers (17 x [x, y, v]), found {count}"
-        raise AnnotationError(MALFORMED_ANNOTATION, detail)
+        raise RejectError(MALFORMED_ANNOTATION, detail)
     keypoints = np.asarray(values, dtype=np.float64).reshape(len(JOINT_NAMES), 3)
     bad_joints = [int(j) for j in np.flatnonzero(~np.isin(keypoints[:, 2], VISIBILITY_VALUES))]
     if bad_joints:
         found = keypoints[bad_joints, 2].tolist()
-        raise AnnotationError(MALFORMED_ANNOTATION, f"visibility of joints {bad_joints} is {found}, not one of 0, 1, 2")
+        raise RejectError(MALFORMED_ANNOTATION, f"visibility of joints {bad_joints} is {found}, not one of 0, 1, 2")
     return keypoints
 
 
@@ -286,21 +263,21 @@ def _parse_bbox(values: Any) -> np.ndarray:
     """COCO ``[x, y, w, h]`` -> ``(4,)`` float64 ``x1, y1, x2, y2``. Bad boxes (zero or negative
     sides, outside the image) pass through to the shard stage's checks."""
     if not isinstance(values, list) or len(values) != 4 or not all(_is_number(v) for v in values):
-        raise AnnotationError(MALFORMED_ANNOTATION, f"bbox must be 4 numbers [x, y, w, h], found {values!r}")
+        raise RejectError(MALFORMED_ANNOTATION, f"bbox must be 4 numbers [x, y, w, h], found {values!r}")
     x, y, width, height = (float(v) for v in values)
     return np.array([x, y, x + width, y + height], dtype=np.float64)
 
 
 def _load_json(root: Location, rel: str) -> Any:
-    """The parsed JSON document at ``rel``; :class:`AnnotationError` when missing or unparsable."""
+    """The parsed JSON document at ``rel``; :class:`RejectError` when missing or unparsable."""
     try:
         text = root.read_text(rel)
     except FileNotFoundError:
-        raise AnnotationError(MISSING_ANNOTATION, f"{root.full(rel)} does not exist") from None
+        raise RejectError(MISSING_ANNOTATION, f"{root.full(rel)} does not exist") from None
     try:
         return json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise AnnotationError(MALFORMED_ANNOTATION, f"not valid JSON: {error}") from None
+        raise RejectError(MALFORMED_ANNOTATION, f"not valid JSON: {error}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,12 +291,12 @@ def read_layout_pairs(root: Location, split: str) -> Iterator[PairRecord | Rejec
     if not root.exists(split_dir):
         raise FileNotFoundError(f"{root.full(split_dir)}: no such split folder")
     pair_files = [rel for rel in root.list_files(split_dir) if rel.endswith(".json") and rel.count("/") == 2]
-    images: dict[str, AnimalImage | AnnotationError] = {}
+    images: dict[str, AnimalImage | RejectError] = {}
     return (_read_layout_pair(root, split, rel, images) for rel in pair_files)
 
 
 def _read_layout_pair(
-    root: Location, split: str, rel: str, images: dict[str, AnimalImage | AnnotationError]
+    root: Location, split: str, rel: str, images: dict[str, AnimalImage | RejectError]
 ) -> PairRecord | Reject:
     name = PurePosixPath(rel).name
     match = _PAIR_NAME.match(name)
@@ -336,33 +313,33 @@ def _read_layout_pair(
             if annotation_path not in images:
                 images[annotation_path] = _load_layout_image(root, annotation_path)
             image = images[annotation_path]
-            if isinstance(image, AnnotationError):
-                return Reject(key, annotation_path, image.reason, image.detail)
+            if isinstance(image, RejectError):
+                return image.to_reject(key, annotation_path)
             sides.append(image)
         pair = PairSpec(sides[0], sides[1], category)
         _check_pair_against_name(pair, named_ids, split)
-    except AnnotationError as error:
-        return Reject(key, rel, error.reason, error.detail)
+    except RejectError as error:
+        return error.to_reject(key, rel)
     return make_pair_record(split, pair, rel)
 
 
 def reroot_annotation_path(doc: Any, field_name: str) -> str:
     """``data/ap-10k/ImageAnnotation/F/S/x.json`` -> ``ImageAnnotation/F/S/x.json``."""
     if not isinstance(doc, dict) or not isinstance(doc.get(field_name), str):
-        raise AnnotationError(MALFORMED_ANNOTATION, f"no {field_name} string in the pair file")
+        raise RejectError(MALFORMED_ANNOTATION, f"no {field_name} string in the pair file")
     parts = doc[field_name].split("/")
     if IMAGE_ANNOTATION_DIR not in parts:
         detail = f"{field_name} {doc[field_name]!r} has no {IMAGE_ANNOTATION_DIR}/ component"
-        raise AnnotationError(MALFORMED_ANNOTATION, detail)
+        raise RejectError(MALFORMED_ANNOTATION, detail)
     start = len(parts) - 1 - parts[::-1].index(IMAGE_ANNOTATION_DIR)
     rerooted = parts[start:]
     if len(rerooted) != 4 or not rerooted[3].endswith(".json"):
         detail = f"{field_name} {doc[field_name]!r} is not .../{IMAGE_ANNOTATION_DIR}/<family>/<species>/<id>.json"
-        raise AnnotationError(MALFORMED_ANNOTATION, detail)
+        raise RejectError(MALFORMED_ANNOTATION, detail)
     return "/".join(rerooted)
 
 
-def _load_layout_image(root: Location, annotation_path: str) -> AnimalImage | AnnotationError:
+def _load_layout_image(root: Location, annotation_path: str) -> AnimalImage | RejectError:
     """The image annotation at ``annotation_path`` (``ImageAnnotation/F/S/<id>.json``), checked
     against its location; the error instead when it cannot be used."""
     _, family, species, file_name = annotation_path.split("/")
@@ -371,14 +348,14 @@ def _load_layout_image(root: Location, annotation_path: str) -> AnimalImage | An
     try:
         image = parse_image_annotation(_load_json(root, annotation_path), image_path, annotation_path)
         if (image.family, image.species) != (family, species):
-            raise AnnotationError(
+            raise RejectError(
                 INCONSISTENT_ANNOTATION,
                 f"supercategory/name {image.family!r}/{image.species!r} differ from the folder {family}/{species}",
             )
         if not stem.isdigit() or int(stem) != image.image_id:
             detail = f"id {image.image_id} differs from the file name {file_name}"
-            raise AnnotationError(INCONSISTENT_ANNOTATION, detail)
-    except AnnotationError as error:
+            raise RejectError(INCONSISTENT_ANNOTATION, detail)
+    except RejectError as error:
         return error
     return image
 
@@ -389,7 +366,7 @@ def _check_pair_against_name(pair: PairSpec, named_ids: tuple[int, int], split: 
     actual_ids = (pair.src.image_id, pair.trg.image_id)
     if actual_ids != named_ids:
         detail = f"the name says images {list(named_ids)}, the file points to {list(actual_ids)}"
-        raise AnnotationError(INCONSISTENT_ANNOTATION, detail)
+        raise RejectError(INCONSISTENT_ANNOTATION, detail)
     if split.endswith("_cross_family"):
         expected = (CROSS_FAMILY_CATEGORY, CROSS_FAMILY_CATEGORY)
     elif split.endswith("_cross_species"):
@@ -398,7 +375,7 @@ def _check_pair_against_name(pair: PairSpec, named_ids: tuple[int, int], split: 
         expected = (pair.src.species, pair.trg.species)
     if expected != (pair.category, pair.category):
         detail = f"category {pair.category!r} does not match {split} pairing of {expected[0]!r} and {expected[1]!r}"
-        raise AnnotationError(INCONSISTENT_ANNOTATION, detail)
+        raise RejectError(INCONSISTENT_ANNOTATION, detail)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,8 +385,11 @@ def _check_pair_against_name(pair: PairSpec, named_ids: tuple[int, int], split: 
 def read_raw_pairs(
     root: Location, split: str, seed: int = 42, protocol: Protocol = GEOAWARE_PROTOCOL
 ) -> Iterator[PairRecord | Reject]:
-    """The excluded-image rejects, then the pairs :func:`sample_pairs` builds for ``split``
-    (``origin``: the release file(s) listing the two images)."""
+    """The excluded-image rejects, then the pairs :func:`pipelines.builders.ap10k.sample_pairs`
+    builds for ``split`` in memory (``origin``: the release file(s) listing the two images)."""
+    # Imported here: the builder imports this module for the image model and the raw release.
+    from pipelines.builders.ap10k import sample_pairs
+
     release = load_raw_release(root, protocol.min_keypoints)
     pairs = sample_pairs(release.images, split, seed, protocol)
     return itertools.chain(release.rejects, (make_pair_record(split, pair, _raw_origin(pair)) for pair in pairs))
@@ -440,9 +420,9 @@ def load_raw_release(root: Location, min_keypoints: int = GEOAWARE_PROTOCOL.min_
     for image_id in sorted(image_docs.keys() | annotations.keys()):
         try:
             document, image = _single_animal(image_id, image_docs, annotations[image_id], categories, min_keypoints)
-        except AnnotationError as error:
+        except RejectError as error:
             file = image_docs[image_id][1] if image_id in image_docs else annotation_files[image_id]
-            rejects.append(Reject(image_stem(image_id), file, error.reason, error.detail, kind="image"))
+            rejects.append(error.to_reject(image_stem(image_id), file, kind="image"))
             continue
         kept.append(image)
         documents[image_id] = document
@@ -473,203 +453,28 @@ def _single_animal(
     min_keypoints: int,
 ) -> tuple[dict[str, Any], AnimalImage]:
     """GeoAware's document and the parsed image for a usable single-animal image, else
-    :class:`AnnotationError` saying why it is left out."""
+    :class:`RejectError` saying why it is left out."""
     if image_id not in image_docs:
         detail = f"annotated in {len(image_annotations)} annotation(s) but not listed in 'images'"
-        raise AnnotationError(INCONSISTENT_ANNOTATION, detail)
+        raise RejectError(INCONSISTENT_ANNOTATION, detail)
     image, file = image_docs[image_id]
     crowd = [a.get("id") for a in image_annotations if a.get("iscrowd") == 1]
     if crowd:
-        raise AnnotationError(EXCLUDED_IMAGE, f"crowd image: annotation(s) {crowd} have iscrowd = 1")
+        raise RejectError(EXCLUDED_IMAGE, f"crowd image: annotation(s) {crowd} have iscrowd = 1")
     if len(image_annotations) != 1:
         ids = [a.get("id") for a in image_annotations]
         detail = f"{len(ids)} animals annotated {ids}; a pair needs exactly one animal per image"
-        raise AnnotationError(EXCLUDED_IMAGE, detail)
+        raise RejectError(EXCLUDED_IMAGE, detail)
     annotation = image_annotations[0]
     category = categories.get(annotation.get("category_id"))
     if category is None:
         detail = f"category_id {annotation.get('category_id')!r} is not in 'categories'"
-        raise AnnotationError(INCONSISTENT_ANNOTATION, detail)
+        raise RejectError(INCONSISTENT_ANNOTATION, detail)
     if not isinstance(image.get("file_name"), str):
-        raise AnnotationError(MALFORMED_ANNOTATION, f"file_name is {image.get('file_name')!r}")
+        raise RejectError(MALFORMED_ANNOTATION, f"file_name is {image.get('file_name')!r}")
     document = {**annotation, **image, "name": category.get("name"), "supercategory": category.get("supercategory")}
     parsed = parse_image_annotation(document, f"{RAW_IMAGE_DIR}/{image['file_name']}", file)
     labelled = int(parsed.labelled.sum())
     if labelled < min_keypoints:
-        raise AnnotationError(EXCLUDED_IMAGE, f"{labelled} labelled keypoints (v > 0), fewer than {min_keypoints}")
+        raise RejectError(EXCLUDED_IMAGE, f"{labelled} labelled keypoints (v > 0), fewer than {min_keypoints}")
     return document, parsed
-
-
-def split_species(images: Sequence[AnimalImage], protocol: Protocol = GEOAWARE_PROTOCOL) -> dict[str, SpeciesLists]:
-    """``{"trn" | "val" | "test": {(family, species): images}}``: per species, by image id, the
-    last ``test_per_species`` images are test, the ``val_per_species`` before them val, the rest trn.
-    (GeoAware splits in ``os.walk`` order, which depends on the filesystem; sorting fixes that.)"""
-    by_species: dict[tuple[str, str], list[AnimalImage]] = defaultdict(list)
-    for image in sorted(images, key=lambda im: im.image_id):
-        by_species[(image.family, image.species)].append(image)
-    splits: dict[str, SpeciesLists] = {name: {} for name in INTRA_SPLITS}
-    for species in sorted(by_species):
-        members = by_species[species]
-        n_test = min(protocol.test_per_species, len(members))
-        n_val = min(protocol.val_per_species, len(members) - n_test)
-        n_trn = len(members) - n_test - n_val
-        splits["trn"][species] = members[:n_trn]
-        splits["val"][species] = members[n_trn : n_trn + n_val]
-        splits["test"][species] = members[n_trn + n_val :]
-    return splits
-
-
-def sample_pairs(
-    images: Sequence[AnimalImage], split: str, seed: int = 42, protocol: Protocol = GEOAWARE_PROTOCOL
-) -> list[PairSpec]:
-    """GeoAware's pairs of ``split``, sorted by pair file name. A pair is valid when at least
-    ``min_keypoints`` joints are labelled in both images. Each split draws from its own
-    ``random.Random(seed)`` (so one split can be built alone), species and families in name order:
-
-    - ``val``/``test``: every valid unordered pair of a species, the earlier image id as source.
-    - ``trn``: per species, ``trn_pairs_per_image`` x (its images) valid *ordered* pairs sampled
-      without repeats, or all of them if fewer exist.
-    - ``*_cross_species``: per family with several species, the products of its species' image
-      lists (species in name order, source from the earlier species) are pooled and
-      ``min(cross_species_pairs, valid)`` are sampled.
-    - ``*_cross_family``: per unordered family pair (source from the earlier family),
-      ``min(cross_family_pairs, valid)`` of the product of the two families' images.
-    """
-    if split not in SPLITS:
-        raise ValueError(f"unknown AP-10K split {split!r}; choose one of {', '.join(SPLITS)}")
-    base = split.split("_")[0]
-    lists = split_species(images, protocol)[base]
-    rng = random.Random(seed)
-    if split.endswith("_cross_family"):
-        pairs = _cross_family_pairs(lists, rng, protocol.cross_family_pairs[base], protocol.min_keypoints)
-    elif split.endswith("_cross_species"):
-        pairs = _cross_species_pairs(lists, rng, protocol.cross_species_pairs[base], protocol.min_keypoints)
-    else:
-        per_image = protocol.trn_pairs_per_image if split == "trn" else None
-        pairs = _intra_species_pairs(lists, rng, per_image, protocol.min_keypoints)
-    return sorted(pairs, key=lambda pair: f"{pair.name}.json")
-
-
-def _intra_species_pairs(
-    lists: SpeciesLists, rng: random.Random, pairs_per_image: int | None, min_mutual: int
-) -> list[PairSpec]:
-    """All valid unordered pairs per species (``pairs_per_image`` None), or a sample of
-    ``pairs_per_image`` x n valid ordered pairs."""
-    pairs = []
-    for (_, species), members in lists.items():
-        valid = _valid_index_pairs(members, members, min_mutual)
-        if pairs_per_image is None:
-            chosen = valid[valid[:, 0] < valid[:, 1]]
-        else:
-            ordered = valid[valid[:, 0] != valid[:, 1]]
-            chosen = _sample_rows(rng, ordered, pairs_per_image * len(members))
-        pairs.extend(PairSpec(members[i], members[j], species) for i, j in chosen)
-    return pairs
-
-
-def _cross_species_pairs(lists: SpeciesLists, rng: random.Random, cap: int, min_mutual: int) -> list[PairSpec]:
-    by_family: dict[str, list[list[AnimalImage]]] = defaultdict(list)
-    for (family, _), members in lists.items():
-        by_family[family].append(members)
-    pairs = []
-    for family in sorted(by_family):
-        species_lists = by_family[family]
-        members = [image for species_members in species_lists for image in species_members]
-        offsets = np.cumsum([0] + [len(species_members) for species_members in species_lists])
-        pooled = [np.zeros((0, 2), dtype=np.int64)] + [
-            _valid_index_pairs(species_lists[a], species_lists[b], min_mutual) + [offsets[a], offsets[b]]
-            for a, b in itertools.combinations(range(len(species_lists)), 2)
-        ]
-        chosen = _sample_rows(rng, np.concatenate(pooled), cap)
-        pairs.extend(PairSpec(members[i], members[j], family) for i, j in chosen)
-    return pairs
-
-
-def _cross_family_pairs(lists: SpeciesLists, rng: random.Random, cap: int, min_mutual: int) -> list[PairSpec]:
-    by_family: dict[str, list[AnimalImage]] = defaultdict(list)
-    for (family, _), members in lists.items():
-        by_family[family].extend(members)
-    pairs = []
-    for left, right in itertools.combinations(sorted(by_family), 2):
-        valid = _sample_rows(rng, _valid_index_pairs(by_family[left], by_family[right], min_mutual), cap)
-        pairs.extend(PairSpec(by_family[left][i], by_family[right][j], CROSS_FAMILY_CATEGORY) for i, j in valid)
-    return pairs
-
-
-def _valid_index_pairs(left: Sequence[AnimalImage], right: Sequence[AnimalImage], min_mutual: int) -> np.ndarray:
-    """``(K, 2)`` int64 index pairs ``(i, j)`` into ``left`` x ``right``, in product order, whose
-    images share at least ``min_mutual`` labelled joints."""
-    if not left or not right:
-        return np.zeros((0, 2), dtype=np.int64)
-    left_labelled = np.stack([image.labelled for image in left]).astype(np.int64)
-    right_labelled = np.stack([image.labelled for image in right]).astype(np.int64)
-    return np.argwhere(left_labelled @ right_labelled.T >= min_mutual)
-
-
-def _sample_rows(rng: random.Random, rows: np.ndarray, count: int) -> np.ndarray:
-    """``min(count, len(rows))`` rows drawn without repeats."""
-    return rows[rng.sample(range(len(rows)), min(count, len(rows)))]
-
-
-# ---------------------------------------------------------------------------------------------
-# Writing layout 1 from the raw release
-
-
-def build_pair_layout(
-    raw_root: Location, out_dir: Path, seed: int = 42, protocol: Protocol = GEOAWARE_PROTOCOL
-) -> dict[str, int]:
-    """Write GeoAware's layout for the raw release at ``raw_root`` into ``out_dir``: an
-    ``ImageAnnotation`` JSON (as GeoAware writes it) and a ``JPEGImages`` copy of the raw bytes for
-    every kept image, and a ``PairAnnotation/<split>/`` folder (possibly empty) for every split,
-    whose files point to ``ImageAnnotation/...`` relative to ``out_dir``. Returns pairs per split."""
-    if (out_dir / PAIR_DIR).exists():
-        raise FileExistsError(f"{out_dir / PAIR_DIR} exists; build into an empty directory so no stale pair remains")
-    release = load_raw_release(raw_root, protocol.min_keypoints)
-    annotation_paths = {}
-    for image in release.images:
-        family_species = f"{image.family}/{image.species}"
-        annotation_path = f"{IMAGE_ANNOTATION_DIR}/{family_species}/{image_stem(image.image_id)}.json"
-        _write(out_dir / annotation_path, json.dumps(release.documents[image.image_id], indent=4).encode())
-        annotation_paths[image.image_id] = annotation_path
-        try:
-            image_bytes = raw_root.read_bytes(image.image_path)
-        except FileNotFoundError:
-            log.warning("%s is missing; the shard stage will reject its pairs", raw_root.full(image.image_path))
-            continue
-        _write(out_dir / IMAGE_DIR / family_species / f"{image_stem(image.image_id)}.jpg", image_bytes)
-    counts = {}
-    for split in SPLITS:
-        pairs = sample_pairs(release.images, split, seed, protocol)
-        (out_dir / PAIR_DIR / split).mkdir(parents=True, exist_ok=True)
-        for pair in pairs:
-            doc = {
-                "src_json_path": annotation_paths[pair.src.image_id],
-                "trg_json_path": annotation_paths[pair.trg.image_id],
-            }
-            _write(out_dir / PAIR_DIR / split / f"{pair.name}.json", json.dumps(doc, indent=4).encode())
-        counts[split] = len(pairs)
-    log.info("%s: %d images kept, %d left out; pairs %s", out_dir, len(release.images), len(release.rejects), counts)
-    return counts
-
-
-def _write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-
-
-def main(argv: Sequence[str] | None = None) -> dict[str, int]:
-    parser = argparse.ArgumentParser(
-        prog="python -m pipelines.sources.ap10k",
-        description="Build GeoAware-SC's AP-10K pair layout (ImageAnnotation/, JPEGImages/, PairAnnotation/) "
-        "from the raw release (annotations/ap10k-*-split1.json, data/).",
-    )
-    parser.add_argument("--raw", required=True, help="raw AP-10K root: local directory or s3:// URL")
-    parser.add_argument("--out", required=True, type=Path, help="local output directory, without PairAnnotation/ yet")
-    parser.add_argument("--seed", type=int, default=42, help="seed of the pair sampling (default: 42, as GeoAware)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    return build_pair_layout(Location(args.raw), args.out, args.seed)
-
-
-if __name__ == "__main__":
-    main()

@@ -57,9 +57,9 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.io
 
-from pipelines.schema import ExtraValue, ImageRef, PairRecord, Reject, safe_key
+from pipelines.checks import KEYPOINT_COUNT_MISMATCH, MALFORMED_ANNOTATION, MISSING_ANNOTATION
+from pipelines.schema import ExtraValue, ImageRef, PairRecord, Reject, RejectError, safe_key
 from pipelines.storage import Location
-from pipelines.validate import KEYPOINT_COUNT_MISMATCH, MALFORMED_ANNOTATION, MISSING_ANNOTATION
 
 DATASET = "pfpascal"
 SPLITS: tuple[str, ...] = ("trn", "val", "test")
@@ -84,14 +84,6 @@ FLIP_COLUMN = "flip"
 KEYPOINT_COLUMNS = ("XA", "YA", "XB", "YB")
 MATLAB_ORIGIN = 1.0
 """Subtracted from every coordinate: MATLAB centres its first pixel at 1.0, the schema at 0.0."""
-
-
-class _Unusable(Exception):
-    """A pair that cannot be taken: the reject reason, the file at fault and what was wrong."""
-
-    def __init__(self, reason: str, file: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason, self.file, self.detail = reason, file, detail
 
 
 @dataclass(frozen=True)
@@ -149,22 +141,22 @@ def annotation_path(class_name: str, stem: str) -> str:
 
 
 def read_mat_annotation(root: Location, rel_path: str) -> MatAnnotation:
-    """Parse the ``.mat`` file ``rel_path``; raises :class:`_Unusable` when it is missing, not a
+    """Parse the ``.mat`` file ``rel_path``; raises :class:`RejectError` when it is missing, not a
     readable MAT file, or lacks a numeric ``kps`` (N x 2) or ``bbox`` (4 values)."""
     try:
         data = root.read_bytes(rel_path)
     except FileNotFoundError:
-        raise _Unusable(MISSING_ANNOTATION, rel_path, f"{rel_path} does not exist") from None
+        raise RejectError(MISSING_ANNOTATION, f"{rel_path} does not exist", rel_path) from None
     try:
         mat = scipy.io.loadmat(io.BytesIO(data))
     # scipy signals a corrupt file with MatReadError, ValueError, IndexError, OSError, NotImplementedError ...
     except Exception as error:  # noqa: BLE001
-        raise _Unusable(MALFORMED_ANNOTATION, rel_path, f"{rel_path} is not a readable MAT file: {error}") from None
+        raise RejectError(MALFORMED_ANNOTATION, f"{rel_path} is not a readable MAT file: {error}", rel_path) from None
     kps, bbox = mat.get("kps"), mat.get("bbox")
     if not _is_numeric(kps) or kps.ndim != 2 or kps.shape[1] != 2:
-        raise _Unusable(MALFORMED_ANNOTATION, rel_path, f"{rel_path}: 'kps' is {_describe(kps)}, expected an N x 2 number array")
+        raise RejectError(MALFORMED_ANNOTATION, f"{rel_path}: 'kps' is {_describe(kps)}, expected an N x 2 number array", rel_path)
     if not _is_numeric(bbox) or bbox.size != 4:
-        raise _Unusable(MALFORMED_ANNOTATION, rel_path, f"{rel_path}: 'bbox' is {_describe(bbox)}, expected 1 x 4 numbers")
+        raise RejectError(MALFORMED_ANNOTATION, f"{rel_path}: 'bbox' is {_describe(bbox)}, expected 1 x 4 numbers", rel_path)
     return MatAnnotation(kps=kps.astype(np.float64), bbox=bbox.astype(np.float64).reshape(4))
 
 
@@ -182,8 +174,8 @@ def read_pairs(root: Location, split: str) -> Iterator[PairRecord | Reject]:
             row = _parse_row(header, fields, csv_name, origin)
             item = row.key
             yield _pair(row, split, csv_name, origin, annotations)
-        except _Unusable as problem:
-            yield Reject(item=item, file=problem.file, reason=problem.reason, detail=problem.detail)
+        except RejectError as problem:
+            yield problem.to_reject(item)
 
 
 class _AnnotationCache:
@@ -192,17 +184,17 @@ class _AnnotationCache:
 
     def __init__(self, root: Location) -> None:
         self._root = root
-        self._parsed: dict[str, MatAnnotation | _Unusable] = {}
+        self._parsed: dict[str, MatAnnotation | RejectError] = {}
 
     def get(self, rel_path: str) -> MatAnnotation:
         if rel_path not in self._parsed:
             try:
                 self._parsed[rel_path] = read_mat_annotation(self._root, rel_path)
-            except _Unusable as problem:
+            except RejectError as problem:
                 self._parsed[rel_path] = problem
         parsed = self._parsed[rel_path]
-        if isinstance(parsed, _Unusable):
-            raise _Unusable(parsed.reason, parsed.file, parsed.detail)
+        if isinstance(parsed, RejectError):
+            raise RejectError(parsed.reason, parsed.detail, parsed.file)
         return parsed
 
 
@@ -225,19 +217,19 @@ def _check_header(header: list[str], csv_name: str) -> None:
 
 def _parse_row(header: list[str], fields: list[str], csv_name: str, origin: str) -> _Row:
     if len(fields) != len(header):
-        raise _Unusable(MALFORMED_ANNOTATION, csv_name, f"{origin} has {len(fields)} fields, the header {len(header)}")
+        raise RejectError(MALFORMED_ANNOTATION, f"{origin} has {len(fields)} fields, the header {len(header)}", csv_name)
     values = dict(zip(header, fields))
     src_name, trg_name = _basename(values["source_image"]), _basename(values["target_image"])
     if not src_name or not trg_name:
-        raise _Unusable(MALFORMED_ANNOTATION, csv_name, f"{origin}: empty image path")
+        raise RejectError(MALFORMED_ANNOTATION, f"{origin}: empty image path", csv_name)
     class_id = _parse_int(values["class"])
     if class_id is None or not 1 <= class_id <= len(CLASS_NAMES):
-        raise _Unusable(MALFORMED_ANNOTATION, csv_name, f"{origin}: class {values['class']!r} is not an integer in 1..{len(CLASS_NAMES)}")
+        raise RejectError(MALFORMED_ANNOTATION, f"{origin}: class {values['class']!r} is not an integer in 1..{len(CLASS_NAMES)}", csv_name)
     flip = None
     if FLIP_COLUMN in values:
         flip = _parse_int(values[FLIP_COLUMN])
         if flip not in (0, 1):
-            raise _Unusable(MALFORMED_ANNOTATION, csv_name, f"{origin}: flip {values[FLIP_COLUMN]!r} is not 0 or 1")
+            raise RejectError(MALFORMED_ANNOTATION, f"{origin}: flip {values[FLIP_COLUMN]!r} is not 0 or 1", csv_name)
     keypoint_lists = tuple(values[name] for name in KEYPOINT_COLUMNS) if KEYPOINT_COLUMNS[0] in values else None
     return _Row(src_name, trg_name, class_id, flip, keypoint_lists)
 
@@ -278,7 +270,7 @@ def _inline_keypoints(cells: tuple[str, str, str, str], csv_name: str, origin: s
     xa, ya, xb, yb = (_float_list(text, name, csv_name, origin) for text, name in zip(cells, KEYPOINT_COLUMNS))
     lengths = {name: len(coords) for name, coords in zip(KEYPOINT_COLUMNS, (xa, ya, xb, yb))}
     if len(set(lengths.values())) != 1:
-        raise _Unusable(KEYPOINT_COUNT_MISMATCH, csv_name, f"{origin}: coordinate list lengths differ: {lengths}")
+        raise RejectError(KEYPOINT_COUNT_MISMATCH, f"{origin}: coordinate list lengths differ: {lengths}", csv_name)
     src_kps = np.column_stack([xa, ya]).astype(np.float64).reshape(-1, 2)
     trg_kps = np.column_stack([xb, yb]).astype(np.float64).reshape(-1, 2)
     return src_kps, trg_kps, np.arange(len(xa), dtype=np.int64)
@@ -289,8 +281,8 @@ def _both_annotated(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The ``.mat`` keypoint rows annotated in both images (still 1-based) and their row indices."""
     if len(src.kps) != len(trg.kps):
-        raise _Unusable(
-            KEYPOINT_COUNT_MISMATCH, trg_path, f"{src_path} has {len(src.kps)} keypoint rows, {trg_path} {len(trg.kps)}; the same class must have the same"
+        raise RejectError(
+            KEYPOINT_COUNT_MISMATCH, f"{src_path} has {len(src.kps)} keypoint rows, {trg_path} {len(trg.kps)}; the same class must have the same", trg_path
         )
     annotated = ~np.isnan(src.kps).any(axis=1) & ~np.isnan(trg.kps).any(axis=1)
     kps_ids = np.flatnonzero(annotated).astype(np.int64)
@@ -304,7 +296,7 @@ def _float_list(text: str, column: str, csv_name: str, origin: str) -> list[floa
     try:
         return [float(part) for part in text.split(";")]
     except ValueError:
-        raise _Unusable(MALFORMED_ANNOTATION, csv_name, f"{origin}: {column} {text!r} is not a ';'-separated list of numbers") from None
+        raise RejectError(MALFORMED_ANNOTATION, f"{origin}: {column} {text!r} is not a ';'-separated list of numbers", csv_name) from None
 
 
 def _parse_int(text: str) -> int | None:

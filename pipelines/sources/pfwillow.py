@@ -43,9 +43,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipelines.schema import ImageRef, PairRecord, Reject, safe_key
+from pipelines.checks import INCONSISTENT_ANNOTATION, MALFORMED_ANNOTATION
+from pipelines.schema import ImageRef, PairRecord, Reject, RejectError, safe_key
 from pipelines.storage import Location
-from pipelines.validate import INCONSISTENT_ANNOTATION, MALFORMED_ANNOTATION
 
 DATASET = "pfwillow"
 SPLITS: tuple[str, ...] = ("test",)
@@ -69,14 +69,6 @@ def coordinate_columns(side: str, axis: str) -> tuple[str, ...]:
 REQUIRED_COLUMNS = IMAGE_COLUMNS + tuple(
     column for side in ("A", "B") for axis in ("X", "Y") for column in coordinate_columns(side, axis)
 )
-
-
-class _Unusable(Exception):
-    """A pair that cannot be taken: the reject reason and what was wrong (the CSV is at fault)."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason, self.detail = reason, detail
 
 
 @dataclass(frozen=True)
@@ -140,20 +132,20 @@ def read_pairs(root: Location, split: str) -> Iterator[PairRecord | Reject]:
             src, trg = _listed_images(values)
             item = safe_key(src.subclass, src.stem, trg.stem)
             yield _pair(item, values, src, trg, split, origin, resolve)
-        except _Unusable as problem:
+        except RejectError as problem:  # the CSV is at fault
             yield Reject(item=item, file=csv_name, reason=problem.reason, detail=f"{origin}: {problem.detail}")
 
 
 def _row_values(header: list[str], fields: list[str]) -> dict[str, str]:
     if len(fields) != len(header):
-        raise _Unusable(MALFORMED_ANNOTATION, f"{len(fields)} fields, the header has {len(header)}")
+        raise RejectError(MALFORMED_ANNOTATION, f"{len(fields)} fields, the header has {len(header)}")
     return dict(zip(header, fields))
 
 
 def _listed_images(values: dict[str, str]) -> tuple[ListedImage, ListedImage]:
     src, trg = _listed_image(values["imageA"]), _listed_image(values["imageB"])
     if src.subclass != trg.subclass:
-        raise _Unusable(INCONSISTENT_ANNOTATION, f"pairs lie within one subclass, but {src.path} and {trg.path} do not")
+        raise RejectError(INCONSISTENT_ANNOTATION, f"pairs lie within one subclass, but {src.path} and {trg.path} do not")
     return src, trg
 
 
@@ -189,9 +181,9 @@ def _pair(
 def _listed_image(path: str) -> ListedImage:
     parts = path.strip().replace("\\", "/").split("/")
     if len(parts) < 2 or not parts[-1]:
-        raise _Unusable(MALFORMED_ANNOTATION, f"image path {path!r} is not [<folder>/]<subclass>/<name>")
+        raise RejectError(MALFORMED_ANNOTATION, f"image path {path!r} is not [<folder>/]<subclass>/<name>")
     if parts[-2] not in SUBCLASSES:
-        raise _Unusable(MALFORMED_ANNOTATION, f"{path!r}: {parts[-2]!r} is not a PF-WILLOW subclass ({', '.join(SUBCLASSES)})")
+        raise RejectError(MALFORMED_ANNOTATION, f"{path!r}: {parts[-2]!r} is not a PF-WILLOW subclass ({', '.join(SUBCLASSES)})")
     return ListedImage("/".join(parts), subclass=parts[-2], name=parts[-1])
 
 
@@ -202,7 +194,7 @@ def _keypoints(values: dict[str, str], side: str) -> np.ndarray:
         coords = np.array([float(values[column]) for column in columns], dtype=np.float64)
     except ValueError:
         bad = {column: values[column] for column in columns if not _is_float(values[column])}
-        raise _Unusable(MALFORMED_ANNOTATION, f"not numbers: {bad}") from None
+        raise RejectError(MALFORMED_ANNOTATION, f"not numbers: {bad}") from None
     xs, ys = coords.reshape(2, NUM_KEYPOINTS)
     return np.stack([xs, ys], axis=1) - MATLAB_ORIGIN
 

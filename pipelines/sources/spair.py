@@ -19,7 +19,7 @@ SPair-71k stores keypoints as integer pixel coordinates ``[x, y]`` and boxes as
 the object, VOC style). No public loader shifts them and DIFT indexes feature maps with them
 directly, so they are already 0-based with pixel centres on the integers, which is the schema
 frame: keypoints and boxes are taken **as stored**, with no conversion. An inclusive box may end
-on the last pixel, whose outer edge is ``W - 0.5``; :data:`pipelines.validate.BBOX_TOLERANCE_PX`
+on the last pixel, whose outer edge is ``W - 0.5``; :data:`pipelines.checks.BBOX_TOLERANCE_PX`
 allows for it. ``src_imsize``/``trg_imsize`` are ``[W, H, C]``; ``[:2]`` is the declared size.
 
 Per pair, the reader rejects (one item per Layout line):
@@ -45,14 +45,14 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.schema import ExtraValue, ImageRef, PairRecord, Reject, safe_key
-from pipelines.storage import Location
-from pipelines.validate import (
+from pipelines.checks import (
     INCONSISTENT_ANNOTATION,
     KEYPOINT_COUNT_MISMATCH,
     MALFORMED_ANNOTATION,
     MISSING_ANNOTATION,
 )
+from pipelines.schema import ExtraValue, ImageRef, PairRecord, Reject, RejectError, safe_key
+from pipelines.storage import Location
 
 SPLITS = ("trn", "val", "test")
 DATASET = "spair"
@@ -62,15 +62,6 @@ MAX_KEYPOINT_ID = 29
 _PAIR_NAME = re.compile(r"(?P<id>\d+)-(?P<src>[^-:/]+)-(?P<trg>[^-:/]+):(?P<category>[^:/]+)")
 _INT_STRING = re.compile(r"[+-]?\d+")
 _DIFFICULTY_FIELDS = ("viewpoint_variation", "scale_variation", "truncation", "occlusion")
-
-
-class _Rejected(Exception):
-    """Raised while parsing one pair; becomes a :class:`Reject`."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
 
 
 def layout_path(split: str) -> str:
@@ -122,17 +113,17 @@ def _read_pair(root: Location, split: str, name: str, line: int, dataset: str) -
         return Reject(item=safe_key(name), file=origin, reason=MISSING_ANNOTATION, detail=f"{origin} does not exist (Layout line {line})")
     try:
         return _parse_pair(raw, name, match, split, dataset, origin)
-    except _Rejected as rejected:
-        return Reject(item=safe_key(name), file=origin, reason=rejected.reason, detail=rejected.detail)
+    except RejectError as rejected:
+        return rejected.to_reject(safe_key(name), origin)
 
 
 def _parse_pair(raw: bytes, name: str, match: re.Match[str], split: str, dataset: str, origin: str) -> PairRecord:
     try:
         doc = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise _Rejected(MALFORMED_ANNOTATION, f"not valid JSON: {error}") from error
+        raise RejectError(MALFORMED_ANNOTATION, f"not valid JSON: {error}") from error
     if not isinstance(doc, dict):
-        raise _Rejected(MALFORMED_ANNOTATION, f"top level is a {type(doc).__name__}, not an object")
+        raise RejectError(MALFORMED_ANNOTATION, f"top level is a {type(doc).__name__}, not an object")
 
     category = _field(doc, "category", str)
     src_imname, trg_imname = _field(doc, "src_imname", str), _field(doc, "trg_imname", str)
@@ -143,14 +134,14 @@ def _parse_pair(raw: bytes, name: str, match: re.Match[str], split: str, dataset
     extras = _extras(doc)
 
     if category != match["category"]:
-        raise _Rejected(INCONSISTENT_ANNOTATION, f"category {category!r} but the pair name says {match['category']!r}")
+        raise RejectError(INCONSISTENT_ANNOTATION, f"category {category!r} but the pair name says {match['category']!r}")
     for side, imname, stem in (("src", src_imname, match["src"]), ("trg", trg_imname, match["trg"])):
         if _stem(imname) != stem:
-            raise _Rejected(INCONSISTENT_ANNOTATION, f"{side}_imname {imname!r} but the pair name says {stem!r}")
+            raise RejectError(INCONSISTENT_ANNOTATION, f"{side}_imname {imname!r} but the pair name says {stem!r}")
     kps_ids = _keypoint_ids(raw_ids)
     counts = (len(src_kps), len(trg_kps), len(kps_ids))
     if len(set(counts)) != 1:
-        raise _Rejected(KEYPOINT_COUNT_MISMATCH, f"{counts[0]} src_kps, {counts[1]} trg_kps, {counts[2]} kps_ids")
+        raise RejectError(KEYPOINT_COUNT_MISMATCH, f"{counts[0]} src_kps, {counts[1]} trg_kps, {counts[2]} kps_ids")
 
     return PairRecord(
         key=safe_key(name),
@@ -182,10 +173,10 @@ def _stem(imname: str) -> str:
 
 def _field(doc: dict[str, Any], key: str, kind: type) -> Any:
     if key not in doc:
-        raise _Rejected(MALFORMED_ANNOTATION, f"field {key!r} is missing")
+        raise RejectError(MALFORMED_ANNOTATION, f"field {key!r} is missing")
     value = doc[key]
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise _Rejected(MALFORMED_ANNOTATION, f"field {key!r} is {value!r}, expected {kind.__name__}")
+        raise RejectError(MALFORMED_ANNOTATION, f"field {key!r} is {value!r}, expected {kind.__name__}")
     return value
 
 
@@ -197,7 +188,7 @@ def _image_size(doc: dict[str, Any], key: str) -> tuple[int, int]:
     """``[W, H, C]`` -> ``(W, H)``."""
     value = _field(doc, key, list)
     if len(value) < 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        raise _Rejected(MALFORMED_ANNOTATION, f"field {key!r} is {value!r}, expected [W, H, C] integers")
+        raise RejectError(MALFORMED_ANNOTATION, f"field {key!r} is {value!r}, expected [W, H, C] integers")
     return int(value[0]), int(value[1])
 
 
@@ -205,7 +196,7 @@ def _bbox(doc: dict[str, Any], key: str) -> np.ndarray:
     """``[x1, y1, x2, y2]`` -> ``(4,)`` float64, as stored."""
     value = _field(doc, key, list)
     if len(value) != 4 or not all(_is_number(v) for v in value):
-        raise _Rejected(MALFORMED_ANNOTATION, f"field {key!r} is {value!r}, expected [x1, y1, x2, y2] numbers")
+        raise RejectError(MALFORMED_ANNOTATION, f"field {key!r} is {value!r}, expected [x1, y1, x2, y2] numbers")
     return np.asarray(value, dtype=np.float64)
 
 
@@ -227,7 +218,7 @@ def _keypoints(doc: dict[str, Any], key: str) -> np.ndarray:
         if point is None:
             point = [None, None]
         if not isinstance(point, list) or len(point) != 2 or not all(v is None or _is_number(v) for v in point):
-            raise _Rejected(MALFORMED_ANNOTATION, f"{key}[{index}] is {point!r}, expected [x, y] numbers")
+            raise RejectError(MALFORMED_ANNOTATION, f"{key}[{index}] is {point!r}, expected [x, y] numbers")
         rows.append([math.nan if v is None else float(v) for v in point])
     return np.asarray(rows, dtype=np.float64).reshape(-1, 2)
 
@@ -239,11 +230,11 @@ def _keypoint_ids(raw_ids: list[Any]) -> np.ndarray:
         if isinstance(value, str) and _INT_STRING.fullmatch(value.strip()):
             value = int(value)
         if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_KEYPOINT_ID:
-            raise _Rejected(INCONSISTENT_ANNOTATION, f"kps_ids[{index}] is {raw_ids[index]!r}, expected an integer in [0, {MAX_KEYPOINT_ID}]")
+            raise RejectError(INCONSISTENT_ANNOTATION, f"kps_ids[{index}] is {raw_ids[index]!r}, expected an integer in [0, {MAX_KEYPOINT_ID}]")
         ids.append(value)
     if len(set(ids)) != len(ids):
         repeated = sorted({i for i in ids if ids.count(i) > 1})
-        raise _Rejected(INCONSISTENT_ANNOTATION, f"kps_ids {raw_ids!r} repeat {repeated}")
+        raise RejectError(INCONSISTENT_ANNOTATION, f"kps_ids {raw_ids!r} repeat {repeated}")
     return np.asarray(ids, dtype=np.int64)
 
 
@@ -253,7 +244,7 @@ def _extras(doc: dict[str, Any]) -> dict[str, ExtraValue]:
     for key in ("src_pose", "trg_pose"):
         value = _field(doc, key, object)
         if not isinstance(value, str | int) or isinstance(value, bool):
-            raise _Rejected(MALFORMED_ANNOTATION, f"field {key!r} is {value!r}, expected a pose name or number")
+            raise RejectError(MALFORMED_ANNOTATION, f"field {key!r} is {value!r}, expected a pose name or number")
         extras[key] = value
     if "mirror" in doc:
         extras["mirror"] = _field(doc, "mirror", int)

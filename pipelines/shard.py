@@ -509,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
         epilog="Datasets: "
         + "; ".join(f"{name}: {get_source(name).summary.rstrip('.').replace('``', '')}" for name in SOURCE_NAMES)
-        + ". See README.md for each dataset's expected layout.",
+        + ". See pipelines/README.md for each dataset's expected layout.",
     )
     parser.add_argument("dataset", choices=SOURCE_NAMES, help="which benchmark layout --root holds")
     parser.add_argument("--root", required=True, help="dataset root: a local directory or s3://bucket/prefix")

@@ -1,4 +1,5 @@
-"""Distributed PCK evaluation and reports; consumes ``pipelines.reader`` and ``sm_train``'s model.
+"""Distributed PCK evaluation and reports; consumes ``pipelines.reader`` and :mod:`sm_model`
+(it never imports ``sm_train``; training validation imports :mod:`sm_eval.pck` and :mod:`sm_eval.predict`).
 
 =================  ====================================================================
 ``pck``            the PCK protocol, the only place it lives (training validation uses it)

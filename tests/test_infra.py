@@ -154,12 +154,12 @@ def readme_commands(path: Path) -> list[Command]:
 
 def all_commands() -> list[Command]:
     """Commands in infra/ (YAML, Dockerfile, READMEs), in the comments of configs/ and sweeps/,
-    and in the code blocks of the top-level and notebooks/ READMEs."""
+    and in the code blocks of the top-level, package and notebooks/ READMEs."""
     roots = (INFRA, REPO_ROOT / "configs", REPO_ROOT / "sweeps")
     paths = [path for root in roots if root.is_dir() for path in root.rglob("*")]
-    paths += [*REPO_ROOT.glob("*.md"), *(REPO_ROOT / "notebooks").glob("*.md")]
+    paths += [*REPO_ROOT.glob("*.md"), *REPO_ROOT.glob("*/README.md")]
     commands = []
-    for path in sorted(paths):
+    for path in sorted(set(paths)):
         if path.suffix in (".yaml", ".yml"):
             commands += yaml_commands(path, str(path.relative_to(REPO_ROOT)))
         elif path.name == "Dockerfile":
@@ -325,6 +325,7 @@ def test_every_command_in_infra_and_readmes_is_valid() -> None:
         "infra/aws/cluster.yaml",
         "infra/runtime_env.yaml",
         "infra/local/README.md",
+        "sm_train/README.md",
     } <= sources
     errors = [error for command in commands for error in check_command(command)]
     assert errors == []

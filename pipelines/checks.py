@@ -8,16 +8,23 @@ repaired: a pair with one bad keypoint is rejected whole, with the reason and th
 
 from __future__ import annotations
 
+import dataclasses
+import posixpath
+
 import numpy as np
 
-from pipelines.schema import PairRecord, Reject
+from pipelines.schema import PairRecord, Reject, is_utf8, normalise_extras
+from pipelines.storage import PathOutsideRoot, confine
 
 MISSING_ANNOTATION = "missing-annotation"
+UNREADABLE_ANNOTATION = "unreadable-annotation"
 MALFORMED_ANNOTATION = "malformed-annotation"
+PATH_OUTSIDE_ROOT = "path-outside-root"
 INCONSISTENT_ANNOTATION = "inconsistent-annotation"
 MISSING_IMAGE = "missing-image"
 UNREADABLE_IMAGE = "unreadable-image"
 TRUNCATED_IMAGE = "truncated-image"
+IMAGE_TOO_LARGE = "image-too-large"
 IMAGE_SIZE_MISMATCH = "image-size-mismatch"
 KEYPOINT_COUNT_MISMATCH = "keypoint-count-mismatch"
 NO_KEYPOINTS = "no-keypoints"
@@ -32,11 +39,14 @@ EXCLUDED_IMAGE = "excluded-image"
 
 REASONS: dict[str, str] = {
     MISSING_ANNOTATION: "an annotation file the pair needs does not exist",
-    MALFORMED_ANNOTATION: "an annotation file (JSON, CSV, .mat) cannot be parsed or lacks a field",
+    UNREADABLE_ANNOTATION: "an annotation file exists but cannot be read: a directory, FIFO or device, no permission, or too large",
+    MALFORMED_ANNOTATION: "an annotation file (JSON, CSV, .mat) cannot be parsed, lacks a field, or a field has the wrong type or range",
+    PATH_OUTSIDE_ROOT: "a path the annotation gives is absolute or climbs out of the dataset root with '..'",
     INCONSISTENT_ANNOTATION: "annotation fields contradict each other or the file's location",
     MISSING_IMAGE: "an image file the pair needs does not exist",
     UNREADABLE_IMAGE: "an image file is not a decodable JPEG or PNG",
     TRUNCATED_IMAGE: "an image file ends before its end-of-image marker",
+    IMAGE_TOO_LARGE: "an image file has more bytes or pixels than pipelines.imageio allows (a decompression bomb guard)",
     IMAGE_SIZE_MISMATCH: "the image size in the annotation differs from the image file",
     KEYPOINT_COUNT_MISMATCH: "source keypoints, target keypoints and keypoint ids differ in number",
     NO_KEYPOINTS: "the pair has no keypoint annotated in both images",
@@ -56,8 +66,9 @@ SPair-71k and PF-PASCAL legitimately end on the last pixel's outer edge."""
 
 
 def check_pair(pair: PairRecord) -> list[Reject]:
-    """Checks that need no image: counts, NaN, bboxes, self-pairs."""
-    reasons = []
+    """Checks that need no image: image paths inside the dataset root, text and extra fields the
+    index can hold, counts, NaN, bboxes, self-pairs."""
+    reasons = _check_paths(pair) + _check_fields(pair)
     counts = (len(pair.src_kps), len(pair.trg_kps), len(pair.kps_ids))
     if len(set(counts)) != 1:
         reasons.append(_reject(pair, KEYPOINT_COUNT_MISMATCH, f"{counts[0]} source, {counts[1]} target keypoints, {counts[2]} ids"))
@@ -69,9 +80,46 @@ def check_pair(pair: PairRecord) -> list[Reject]:
             reasons.append(_reject(pair, NAN_KEYPOINTS, f"{side} keypoint rows {list(map(int, bad_rows))} are not finite"))
     for side, bbox in (("source", pair.src_bbox), ("target", pair.trg_bbox)):
         reasons.extend(_check_bbox_shape(pair, side, bbox))
-    if pair.src.path == pair.trg.path:
+    if posixpath.normpath(pair.src.path) == posixpath.normpath(pair.trg.path):
         reasons.append(_reject(pair, SAME_IMAGE, f"both sides are {pair.src.path}"))
     return reasons
+
+
+def normalised(pair: PairRecord) -> PairRecord:
+    """``pair`` as the shard stage stores it, for a pair :func:`check_pair` found nothing wrong
+    with: image paths normalised (``a/./b.jpg`` -> ``a/b.jpg``, as a root's listing names them) and
+    extras in their declared types, so every index column has one type."""
+    return dataclasses.replace(
+        pair,
+        src=dataclasses.replace(pair.src, path=confine(pair.src.path)),
+        trg=dataclasses.replace(pair.trg, path=confine(pair.trg.path)),
+        extras=normalise_extras(pair.dataset, pair.extras),
+    )
+
+
+def _check_paths(pair: PairRecord) -> list[Reject]:
+    """Image paths must stay inside the dataset root (the same lexical rule
+    :class:`pipelines.storage.Location` enforces), whatever the reader derived them from."""
+    for side, ref in (("source", pair.src), ("target", pair.trg)):
+        try:
+            confine(ref.path, "the dataset root")
+        except PathOutsideRoot as error:
+            return [_reject(pair, PATH_OUTSIDE_ROOT, f"{side} image path {error}")]
+    return []
+
+
+def _check_fields(pair: PairRecord) -> list[Reject]:
+    """The fields that become index columns: UTF-8 text, and extras of the types
+    :data:`pipelines.schema.EXTRA_FIELDS` declares for the dataset (see
+    :func:`pipelines.schema.normalise_extras`, which the shard stage then applies)."""
+    for name in ("category", "group", "origin"):
+        if not is_utf8(getattr(pair, name)):
+            return [_reject(pair, MALFORMED_ANNOTATION, f"{name} {getattr(pair, name)!r} is not UTF-8 text")]
+    try:
+        normalise_extras(pair.dataset, pair.extras)
+    except ValueError as error:
+        return [_reject(pair, MALFORMED_ANNOTATION, str(error))]
+    return []
 
 
 def _check_bbox_shape(pair: PairRecord, side: str, bbox: np.ndarray) -> list[Reject]:

@@ -10,6 +10,15 @@ nodes (``RANK``/``WORLD_SIZE``, which Ray Train sets) and DataLoader workers, ea
 whole (its bytes are bounded by ``--max-shard-bytes``), and each of its images is decoded once,
 when its first pair needs it, and released after its last pair. Evaluation streams in the fixed
 order of the index; training shuffles shards per epoch and pairs within a bounded buffer.
+
+A shard is untrusted input, checked as the sharder checked the raw data (one validation, two
+sides): it must be a plain tar ending in its end-of-archive marker; every pair document must be
+shaped as :func:`~pipelines.schema.pair_to_json` writes it, agree with its ``index.parquet`` row
+and pass :func:`pipelines.checks.check_pair` and :func:`~pipelines.checks.check_against_images`;
+a pair key appears once per shard; documents are parsed within :data:`MAX_DOCUMENT_BYTES` and
+the bounds of :func:`pipelines.jsonio.loads`, images within those of :mod:`pipelines.imageio` (a
+decompression bomb is refused before decoding). Anything else raises :class:`CorruptShardError`
+naming the shard and the member: a reader never drops, repairs or re-scores a pair silently.
 """
 
 from __future__ import annotations
@@ -17,19 +26,49 @@ from __future__ import annotations
 import io
 import json
 import random
-from collections.abc import Iterable, Iterator
+import tarfile
+from collections.abc import Iterable, Iterator, Mapping
 from functools import partial
 from typing import Any, NamedTuple
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import webdataset as wds
-from webdataset.tariterators import group_by_keys, tar_file_expander
+from webdataset.tariterators import base_plus_ext
 
+from pipelines import checks, jsonio
 from pipelines.imageio import decode_rgb
-from pipelines.schema import PairSample, sample_from_json
+from pipelines.schema import (
+    SCHEMA_VERSION,
+    THRESHOLD_KINDS,
+    ImageInfo,
+    ImageRef,
+    PairRecord,
+    PairSample,
+    RejectError,
+    sample_from_json,
+)
 from pipelines.storage import Location, open_url
 
 IMAGE_EXTENSIONS = ("jpg", "png")
+MAX_DOCUMENT_BYTES = 2**20
+"""The largest ``.json`` member (a pair document or an image's info) a shard may hold. The sharder
+writes a few KiB; a larger member is refused unread, which bounds what one document can cost."""
+INDEX_FIELDS = ("split", "dataset", "category", "threshold", "origin", "src_image", "trg_image", "num_keypoints")
+"""The ``index.parquet`` columns every pair document must agree with (those the index has)."""
+_COMPRESSED = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zstd"))
+
+
+class CorruptShardError(ValueError):
+    """A shard that is not as :mod:`pipelines.shard` writes it (unreadable, cut short, compressed,
+    inconsistent with its index) or that holds a pair the sharder would have rejected. The message
+    names the shard and, where one is at fault, the member."""
+
+
+def _corrupt(url: str, problem: object, member: str | None = None) -> CorruptShardError:
+    return CorruptShardError(f"corrupt shard {url}: " + (f"member {member}: " if member else "") + str(problem))
 
 
 def read_index(shards: Location):
@@ -37,6 +76,21 @@ def read_index(shards: Location):
     if not shards.exists("index.parquet"):
         raise FileNotFoundError(f"{shards.full('index.parquet')} does not exist: is this a complete shard directory?")
     return pq.read_table(io.BytesIO(shards.read_bytes("index.parquet")))
+
+
+def index_rows(shards: Location, urls: Mapping[str, str]) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{url: {pair key: {field: value}}}`` of the shards ``urls`` (``{shard name: url}``) from
+    ``index.parquet``, with the :data:`INDEX_FIELDS` the index has: what each pair document of
+    those shards must agree with."""
+    table = read_index(shards)
+    rows: dict[str, dict[str, dict[str, Any]]] = {url: {} for url in urls.values()}
+    if not {"key", "shard"} <= set(table.column_names):
+        return rows  # an index without pairs: no pair of any shard is listed
+    table = table.filter(pc.is_in(table["shard"], value_set=pa.array(list(urls), pa.string())))
+    columns = ["key", "shard", *(name for name in INDEX_FIELDS if name in table.column_names)]
+    for row in table.select(columns).to_pylist():
+        rows[urls[row.pop("shard")]][row.pop("key")] = row
+    return rows
 
 
 def split_shards(shards: Location, split: str) -> dict[str, int]:
@@ -50,6 +104,11 @@ def split_shards(shards: Location, split: str) -> dict[str, int]:
     if "split" in table.column_names:
         for pair_split, shard in zip(table.column("split").to_pylist(), table.column("shard").to_pylist()):
             if pair_split == split:
+                if shard not in counts:
+                    raise ValueError(
+                        f"{shards.url}: index.parquet puts pairs of split {split!r} in shard {shard!r}, "
+                        f"which {record_path} does not list"
+                    )
                 counts[shard] += 1
     return counts
 
@@ -81,14 +140,17 @@ def pair_dataset(
     and pairs are shuffled within a buffer of that many samples. ``split_nodes=False`` reads all
     of ``names`` on every rank (for a caller that already planned each rank's share); DataLoader
     workers always split them. ``resampled=True`` draws shards with replacement forever (bound it
-    with ``.with_epoch(n)``)."""
+    with ``.with_epoch(n)``). Every pair is checked against the shard set's ``index.parquet`` and
+    the sharder's checks (see the module docstring)."""
     entries = list(names)
-    urls = [shards.full(entry.name if isinstance(entry, ShardSlice) else entry) for entry in entries]
+    shard_names = [entry.name if isinstance(entry, ShardSlice) else entry for entry in entries]
+    urls = [shards.full(name) for name in shard_names]
     if not urls:
         raise ValueError(f"{shards.url}: no shards to read")
     if len(set(urls)) != len(urls):
         raise ValueError(f"{shards.url}: a shard is listed more than once in {entries}")
     ranges = {url: (entry.start, entry.stop) for url, entry in zip(urls, entries) if isinstance(entry, ShardSlice)}
+    index = index_rows(shards, dict(zip(shard_names, urls)))
     if resampled:
         stages: list[Any] = [wds.ResampledShards(urls, seed=seed + epoch)]
     else:
@@ -100,8 +162,8 @@ def pair_dataset(
     stages += [
         partial(open_shards, endpoint_url=shards.endpoint_url),
         shard_files,
-        group_by_keys,
-        partial(assemble_pairs, ranges=ranges),
+        group_members,
+        partial(assemble_pairs, ranges=ranges, index=index),
     ]
     if shuffle_buffer:
         stages.append(partial(shuffle_pairs, buffer_size=shuffle_buffer, seed=seed + epoch))
@@ -120,39 +182,114 @@ def open_shards(sources: Iterable[dict], endpoint_url: str | None = None) -> Ite
 
 
 def shard_files(sources: Iterable[dict]) -> Iterator[dict]:
-    """Tar members of each shard as ``{"fname", "data", "__url__"}``; a corrupt or truncated shard
-    raises an error naming it."""
+    """Tar members of each shard as ``{"fname", "data", "__url__"}``. A shard must be a plain
+    (uncompressed) tar that ends in its end-of-archive marker; a compressed one (refused before
+    anything is decompressed), a corrupt one or one cut short, even exactly at a member boundary,
+    raises :class:`CorruptShardError` naming it, as does a ``.json`` member larger than
+    :data:`MAX_DOCUMENT_BYTES` (refused unread)."""
     for source in sources:
+        url = source["url"]
         try:
-            yield from tar_file_expander([source], handler=wds.reraise_exception, eof_value=None)
-        except Exception as error:  # tarfile and webdataset raise many types for bad input
-            raise ValueError(f"corrupt shard {source['url']}: {error.args[0] if error.args else error}") from error
+            yield from _tar_members(url, source["stream"])
+        except CorruptShardError:
+            raise
+        except Exception as error:  # tarfile and the stream raise many types for bad input
+            raise _corrupt(url, error.args[0] if error.args else error) from error
         finally:
             source["stream"].close()
 
 
-def assemble_pairs(samples: Iterable[dict], ranges: dict[str, tuple[int, int]] | None = None) -> Iterator[PairSample]:
+def _tar_members(url: str, stream) -> Iterator[dict]:
+    head = b""
+    while len(head) < tarfile.BLOCKSIZE and (chunk := stream.read(tarfile.BLOCKSIZE - len(head))):
+        head += chunk
+    for magic, name in _COMPRESSED:
+        if head.startswith(magic):
+            raise _corrupt(url, f"{name}-compressed; shards are plain tar files (refused without decompressing)")
+    with tarfile.open(fileobj=_Replayed(head, stream), mode="r|", tarinfo=_EndMarkedTarInfo) as tar:
+        for member in tar:
+            if not member.isreg():
+                continue
+            if member.name.endswith(".json") and member.size > MAX_DOCUMENT_BYTES:
+                raise _corrupt(url, f"{member.size} bytes; a document may have {MAX_DOCUMENT_BYTES}", member.name)
+            yield {"fname": member.name, "data": tar.extractfile(member).read(), "__url__": url}
+            tar.members = []  # a stream needs no member list
+        if not getattr(tar, "end_marker", False):
+            raise _corrupt(url, f"no end-of-archive marker after byte {tar.offset}: the shard is cut short or damaged")
+
+
+class _EndMarkedTarInfo(tarfile.TarInfo):
+    """Notes on its archive (``end_marker``) that reading stopped at the end-of-archive marker:
+    tarfile also stops quietly at a header that is missing, cut short or damaged, which would make
+    a truncated shard look complete."""
+
+    @classmethod
+    def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.EOFHeaderError:
+            tar.end_marker = True  # type: ignore[attr-defined]
+            raise
+
+
+class _Replayed:
+    """A binary stream with ``head``, bytes already read from it, put back in front."""
+
+    def __init__(self, head: bytes, stream) -> None:
+        self.head, self.stream = head, stream
+
+    def read(self, size: int = -1) -> bytes:
+        if not self.head:
+            return self.stream.read(size)
+        if size is None or size < 0:
+            data, self.head = self.head + self.stream.read(), b""
+        else:
+            data, self.head = self.head[:size], self.head[size:]
+        return data
+
+
+def group_members(files: Iterable[dict]) -> Iterator[dict]:
+    """Consecutive members of a shard sharing a key (the name up to its first dot) -> one sample
+    ``{"__key__", "__url__", <extension>: data}``; a member repeated within a sample raises
+    :class:`CorruptShardError` naming it."""
+    current: dict | None = None
+    for file in files:
+        key, ext = base_plus_ext(file["fname"])
+        if key is None:
+            raise _corrupt(
+                file["__url__"], "a name without an extension: not a member pipelines.shard writes", file["fname"]
+            )
+        if current is None or (key, file["__url__"]) != (current["__key__"], current["__url__"]):
+            if current is not None:
+                yield current
+            current = {"__key__": key, "__url__": file["__url__"]}
+        if ext.lower() in current:
+            raise _corrupt(file["__url__"], "a second member of that name", file["fname"])
+        current[ext.lower()] = file["data"]
+    if current is not None:
+        yield current
+
+
+def assemble_pairs(
+    samples: Iterable[dict],
+    ranges: dict[str, tuple[int, int]] | None = None,
+    index: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None,
+) -> Iterator[PairSample]:
     """Grouped tar samples -> complete pairs, one shard at a time. Each image is decoded once,
     when first needed, and dropped from the cache after the last pair that uses it. ``ranges``
-    keeps only pairs ``[start, stop)`` of the shards it names (by URL)."""
+    keeps only pairs ``[start, stop)`` of the shards it names (by URL). With ``index``
+    (:func:`index_rows`) every pair document of a shard must agree with its row; every pair taken
+    must pass the sharder's checks. A shard failing a check raises :class:`CorruptShardError`."""
     ranges = ranges or {}
-    current_url, images, pairs = None, {}, []
+    shard: _ShardContents | None = None
     for sample in samples:
-        if sample["__url__"] != current_url:
-            if current_url in ranges:
-                pairs = _slice_pairs(current_url, pairs, *ranges[current_url])
-            yield from _shard_pairs(current_url, images, pairs)
-            current_url, images, pairs = sample["__url__"], {}, []
-        if "pair.json" in sample:
-            pairs.append(json.loads(sample["pair.json"]))
-            continue
-        ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
-        if ext is None or "json" not in sample:
-            raise ValueError(f"corrupt shard {current_url}: entry {sample['__key__']!r} has {sorted(sample)}")
-        images[sample["__key__"]] = (sample[ext], json.loads(sample["json"]))
-    if current_url in ranges:
-        pairs = _slice_pairs(current_url, pairs, *ranges[current_url])
-    yield from _shard_pairs(current_url, images, pairs)
+        if shard is None or sample["__url__"] != shard.url:
+            if shard is not None:
+                yield from shard.pairs(ranges.get(shard.url), index)
+            shard = _ShardContents(sample["__url__"])
+        shard.add(sample)
+    if shard is not None:
+        yield from shard.pairs(ranges.get(shard.url), index)
 
 
 def _slice_pairs(url: str, pairs: list[dict], start: int, stop: int) -> list[dict]:
@@ -161,38 +298,199 @@ def _slice_pairs(url: str, pairs: list[dict], start: int, stop: int) -> list[dic
     return pairs[start:stop]
 
 
-def _shard_pairs(url: str | None, images: dict[str, tuple[bytes, dict]], pairs: list[dict]) -> Iterator[PairSample]:
-    last_use = {}
-    for index, doc in enumerate(pairs):
-        for side in ("src", "trg"):
-            key = doc[side]["image"]
-            if key not in images:
-                raise ValueError(f"corrupt shard {url}: pair {doc['key']!r} needs image {key!r}, which the shard lacks")
-            last_use[key] = index
-    decoded = {}
-    for index, doc in enumerate(pairs):
-        arrays = []
-        for side in ("src", "trg"):
-            key = doc[side]["image"]
-            if key not in decoded:
-                data, info = images[key]
-                decoded[key] = decode_rgb(data)
-                width, height = info["size"]
-                if decoded[key].shape[:2] != (height, width):
-                    raise ValueError(f"corrupt shard {url}: image {key!r} decodes to {decoded[key].shape}, index says {width}x{height}")
-            arrays.append(decoded[key])
-        yield sample_from_json(doc, arrays[0], arrays[1])
-        for side in ("src", "trg"):
-            key = doc[side]["image"]
-            if last_use.get(key) == index:
-                del decoded[key]
-                del last_use[key]
+class _ShardContents:
+    """The members of one shard: images (encoded bytes and member name; info) by key, and the
+    pair documents in shard order."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.images: dict[str, tuple[bytes, str]] = {}
+        self.infos: dict[str, ImageInfo] = {}
+        self.docs: dict[str, dict[str, Any]] = {}
+
+    def add(self, sample: dict) -> None:
+        key = sample["__key__"]
+        entries = sorted(name for name in sample if not name.startswith("__"))
+        if entries == ["pair.json"]:
+            member = f"{key}.pair.json"
+            if key in self.docs:
+                raise _corrupt(self.url, "the shard holds this pair twice", member)
+            doc = _document(self.url, member, sample["pair.json"])
+            if doc.get("key") != key:
+                raise _corrupt(self.url, f"the document's key is {doc.get('key')!r}", member)
+            self.docs[key] = doc
+            return
+        ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+        if ext is None or entries != sorted([ext, "json"]):
+            raise _corrupt(self.url, f"entry {key!r} has {entries}")
+        if key in self.images:
+            raise _corrupt(self.url, "the shard holds this image twice", f"{key}.{ext}")
+        info_doc = _document(self.url, f"{key}.json", sample["json"])
+        try:
+            info = ImageInfo.from_json(info_doc)
+        except (KeyError, TypeError, ValueError, OverflowError) as error:
+            raise _corrupt(self.url, f"not an image info document ({error!r})", f"{key}.json") from None
+        if info.key != key or not isinstance(info.path, str) or info.width < 1 or info.height < 1:
+            raise _corrupt(self.url, f"not the info of this image: {info}", f"{key}.json")
+        self.images[key] = (sample[ext], f"{key}.{ext}")
+        self.infos[key] = info
+
+    def pairs(
+        self, span: tuple[int, int] | None, index: Mapping[str, Mapping[str, Mapping[str, Any]]] | None
+    ) -> Iterator[PairSample]:
+        if index is not None:
+            rows = index.get(self.url, {})
+            for key, doc in self.docs.items():
+                _check_index_row(self.url, doc, rows.get(key))
+        docs = list(self.docs.values())
+        if span is not None:
+            docs = _slice_pairs(self.url, docs, *span)
+        for doc in docs:  # every pair taken is checked before any image is decoded
+            self._check(doc)
+        last_use = {}
+        for position, doc in enumerate(docs):
+            for side in ("src", "trg"):
+                last_use[doc[side]["image"]] = position
+        decoded: dict[str, np.ndarray] = {}
+        for position, doc in enumerate(docs):
+            arrays = []
+            for side in ("src", "trg"):
+                key = doc[side]["image"]
+                if key not in decoded:
+                    decoded[key] = self._decode(key)
+                arrays.append(decoded[key])
+            yield sample_from_json(doc, arrays[0], arrays[1])
+            for side in ("src", "trg"):
+                key = doc[side]["image"]
+                if last_use.get(key) == position:
+                    del decoded[key]
+                    del last_use[key]
+
+    def _check(self, doc: dict[str, Any]) -> None:
+        """The sharder's checks on the pair ``doc`` describes, against its images' stored sizes
+        (which :meth:`_decode` holds the pixels to)."""
+        member = f"{doc['key']}.pair.json"
+        try:
+            record = pair_record(doc, self.infos)
+        except (KeyError, TypeError, ValueError) as error:
+            raise _corrupt(self.url, f"not a pair document as pipelines.shard writes it ({error!r})", member) from None
+        src, trg = self.infos[record.src.key], self.infos[record.trg.key]
+        try:
+            problems = checks.check_pair(record) or checks.check_against_images(
+                record, (src.width, src.height), (trg.width, trg.height)
+            )
+        except LookupError as error:  # extras the dataset does not declare: a reader bug for raw data, data here
+            raise _corrupt(self.url, f"{checks.MALFORMED_ANNOTATION}: {error}", member) from None
+        if problems:
+            raise _corrupt(
+                self.url, f"{problems[0].reason}: {problems[0].detail} (the sharder rejects such a pair)", member
+            )
+
+    def _decode(self, key: str) -> np.ndarray:
+        (data, member), info = self.images[key], self.infos[key]
+        try:
+            image = decode_rgb(data)  # refuses an image over pipelines.imageio's bounds before decoding
+        except RejectError as error:
+            raise _corrupt(self.url, f"{error.reason}: {error}", member) from error
+        except Exception as error:  # PIL raises many types for undecodable data
+            raise _corrupt(self.url, f"cannot be decoded ({type(error).__name__}: {error})", member) from error
+        if image.shape[:2] != (info.height, info.width):
+            raise _corrupt(
+                self.url, f"decodes to {image.shape}, its {key}.json says {info.width}x{info.height}", member
+            )
+        return image
+
+
+def _document(url: str, member: str, data: bytes) -> dict[str, Any]:
+    """A JSON object member, parsed with the sharder's bounds (:func:`pipelines.jsonio.loads`:
+    size, nesting, number length, finite numbers, no key named twice)."""
+    try:
+        doc = jsonio.loads(data, max_bytes=MAX_DOCUMENT_BYTES)
+    except jsonio.JSONError as error:
+        raise _corrupt(url, error, member) from None
+    if not isinstance(doc, dict):
+        raise _corrupt(url, f"a JSON {type(doc).__name__}, not an object", member)
+    return doc
+
+
+def _check_index_row(url: str, doc: dict[str, Any], row: Mapping[str, Any] | None) -> None:
+    """The pair ``doc`` agrees with its ``index.parquet`` row; compared before any array is
+    built, so a document carrying more keypoints than its row costs nothing more."""
+    member = f"{doc['key']}.pair.json"
+    if row is None:
+        raise _corrupt(url, "index.parquet does not list this pair in this shard", member)
+    sides = {side: doc.get(side) if isinstance(doc.get(side), dict) else {} for side in ("src", "trg")}
+    ids = doc.get("kps_ids")
+    found = {
+        **{name: doc.get(name) for name in ("split", "dataset", "category", "threshold", "origin")},
+        "src_image": sides["src"].get("image"),
+        "trg_image": sides["trg"].get("image"),
+        "num_keypoints": len(ids) if isinstance(ids, list) else None,
+    }
+    differ = [
+        f"{name} {found[name]!r}, index.parquet says {value!r}" for name, value in row.items() if found[name] != value
+    ]
+    if differ:
+        raise _corrupt(url, "; ".join(differ), member)
+
+
+def pair_record(doc: Mapping[str, Any], images: Mapping[str, ImageInfo]) -> PairRecord:
+    """The :class:`~pipelines.schema.PairRecord` a pair document (as
+    :func:`~pipelines.schema.pair_to_json` writes it) describes, its images' paths taken from
+    ``images`` (image key -> info), so the sharder's checks (:mod:`pipelines.checks`) apply to a
+    shard as they did to the raw data. Raises ``ValueError``, ``KeyError`` or ``TypeError`` for a
+    document of another shape; the values themselves are left to the checks."""
+    if doc.get("schema_version") != SCHEMA_VERSION:
+        raise ValueError(f"schema_version {doc.get('schema_version')!r}, expected {SCHEMA_VERSION}")
+    text = {
+        name: _typed(doc[name], str, name) for name in ("key", "dataset", "split", "category", "threshold", "origin")
+    }
+    if text["threshold"] not in THRESHOLD_KINDS:
+        raise ValueError(f"threshold {text['threshold']!r} is none of {THRESHOLD_KINDS}")
+    refs, kps, boxes = [], [], []
+    for side in ("src", "trg"):
+        part = _typed(doc[side], dict, side)
+        image = _typed(part["image"], str, f"{side}.image")
+        if image not in images:
+            raise ValueError(f"needs image {image!r}, which the shard lacks")
+        size = _numbers(part["size"], f"{side}.size", "i")
+        if size.shape != (2,):
+            raise ValueError(f"{side}.size {part['size']} is not [width, height]")
+        points = _numbers(part["kps"], f"{side}.kps", "if")
+        if points.size and (points.ndim != 2 or points.shape[1] != 2):
+            raise ValueError(f"{side}.kps has shape {points.shape}, not (N, 2)")
+        refs.append(ImageRef(image, images[image].path, (int(size[0]), int(size[1]))))
+        kps.append(points.reshape(-1, 2))
+        boxes.append(_numbers(part["bbox"], f"{side}.bbox", "if"))
+    extras = _typed(doc["extras"], dict, "extras")  # their types are check_pair's to judge
+    return PairRecord(
+        key=text["key"], dataset=text["dataset"], split=text["split"], category=text["category"],
+        group=text["category"], threshold=text["threshold"], src=refs[0], trg=refs[1],  # type: ignore[arg-type]
+        src_kps=kps[0], trg_kps=kps[1], kps_ids=_numbers(doc["kps_ids"], "kps_ids", "i"),
+        src_bbox=boxes[0], trg_bbox=boxes[1], origin=text["origin"], extras=dict(extras),
+    )  # fmt: skip
+
+
+def _typed(value: Any, kind: type, name: str) -> Any:
+    if not isinstance(value, kind):
+        raise TypeError(f"{name} is a {type(value).__name__}, not a {kind.__name__}")
+    return value
+
+
+def _numbers(value: Any, name: str, kinds: str) -> np.ndarray:
+    """A JSON list of numbers as float64 (``kinds`` holding ``f``) or int64; numpy kinds ``i``
+    (int64-sized integers) and ``f`` (floats); booleans, strings and nested lists of uneven length
+    are refused."""
+    array = np.asarray(_typed(value, list, name))
+    if array.size and array.dtype.kind not in kinds:
+        raise TypeError(f"{name} holds {array.dtype} values, not {'numbers' if 'f' in kinds else 'integers'}")
+    return array.astype(np.float64 if "f" in kinds else np.int64)
 
 
 def shuffle_pairs(samples: Iterable[PairSample], buffer_size: int, seed: int) -> Iterator[PairSample]:
     """Shuffle within a buffer of ``buffer_size`` samples, with a different stream per rank and
     DataLoader worker (seeded from ``seed`` and their ids, so runs are reproducible)."""
-    rank, world_size, worker, num_workers = wds.utils.pytorch_worker_info()
+    rank, _, worker, _ = wds.utils.pytorch_worker_info()
     rng = random.Random(f"{seed}-{rank}-{worker}")
     buffer: list[PairSample] = []
     for sample in samples:

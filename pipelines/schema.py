@@ -31,6 +31,90 @@ THRESHOLD_KINDS: tuple[str, ...] = get_args(ThresholdKind)
 
 ExtraValue = int | float | str
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+@dataclass(frozen=True)
+class ExtraField:
+    """The declared type of one extra field (a column of the index): ``kind`` is ``int``,
+    ``float`` or ``str``; an int lies in ``[low, high]`` (by default the int64 range), a float is
+    finite, a str is UTF-8 text. ``required`` fields are present in every pair of the dataset."""
+
+    kind: type
+    low: int = INT64_MIN
+    high: int = INT64_MAX
+    required: bool = True
+
+
+_SPAIR_EXTRAS = {
+    # Difficulty levels 0 easy, 1 medium, 2 hard; truncation and occlusion 0 none, 1 source,
+    # 2 target, 3 both (../shared/reference/datasets.md 1.2).
+    "viewpoint_variation": ExtraField(int, 0, 2),
+    "scale_variation": ExtraField(int, 0, 2),
+    "truncation": ExtraField(int, 0, 3),
+    "occlusion": ExtraField(int, 0, 3),
+    "src_pose": ExtraField(str),
+    "trg_pose": ExtraField(str),
+    "mirror": ExtraField(int, 0, 1, required=False),
+}
+
+EXTRA_FIELDS: dict[str, dict[str, ExtraField]] = {
+    "spair": _SPAIR_EXTRAS,
+    "demo": _SPAIR_EXTRAS,
+    "pfpascal": {"csv": ExtraField(str), "class_id": ExtraField(int, 1, 20), "flip": ExtraField(int, 0, 1, required=False)},
+    "pfwillow": {"subclass": ExtraField(str)},
+    "ap10k": {name: ExtraField(str) for name in ("src_species", "trg_species", "src_family", "trg_family")},
+}
+"""Per dataset, the extra fields its reader yields and their types: declared once, so every pair
+of a dataset gives the index the same column types (:func:`normalise_extras`)."""
+
+
+def normalise_extras(dataset: str, extras: dict[str, Any]) -> dict[str, ExtraValue]:
+    """``extras`` in the types :data:`EXTRA_FIELDS` declares for ``dataset``. The one conversion
+    made is lossless: an integer where text is declared becomes its decimal text (SPair-71k poses
+    are names, a few documents give a number). :class:`ValueError` naming the field when a value
+    cannot be represented (a bool, an int outside its range or beyond int64, a non-finite float,
+    text that is not UTF-8, any other type), or when a field is not declared or a required one is
+    missing (from a reader, a bug the reader tests catch; from a shard, corrupt data)."""
+    declared = EXTRA_FIELDS.get(dataset)
+    if declared is None:
+        raise ValueError(f"dataset {dataset!r} has no extra fields declared in pipelines.schema.EXTRA_FIELDS")
+    unknown = sorted(extras.keys() - declared.keys())
+    missing = sorted(name for name, spec in declared.items() if spec.required and name not in extras)
+    if unknown or missing:
+        raise ValueError(f"{dataset} extra fields: undeclared {unknown}, required but missing {missing}")
+    return {name: _normalise_extra(name, value, declared[name]) for name, value in extras.items()}
+
+
+def _normalise_extra(name: str, value: Any, spec: ExtraField) -> ExtraValue:
+    if isinstance(value, bool | np.bool_) or not isinstance(value, int | float | str | np.integer | np.floating):
+        raise ValueError(f"extra field {name!r} is {value!r}, expected {spec.kind.__name__}")  # noqa: TRY004 (data, as below)
+    if isinstance(value, np.integer | np.floating):
+        value = value.item()
+    if spec.kind is str:
+        if isinstance(value, int):
+            value = str(value)
+        if not isinstance(value, str) or not is_utf8(value):
+            raise ValueError(f"extra field {name!r} is {value!r}, expected UTF-8 text")
+        return value
+    if spec.kind is float:
+        if isinstance(value, str) or not np.isfinite(float(value)):
+            raise ValueError(f"extra field {name!r} is {value!r}, expected a finite number")
+        return float(value)
+    if not isinstance(value, int) or not spec.low <= value <= spec.high:
+        raise ValueError(f"extra field {name!r} is {value!r}, expected an integer in [{spec.low}, {spec.high}]")
+    return value
+
+
+def is_utf8(text: str) -> bool:
+    """False for text holding surrogates (undecodable bytes kept by ``surrogateescape``, or a
+    lone ``\\ud800`` escape in JSON), which no UTF-8 file, Parquet column or tar header can hold."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_()+-]")
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -31,20 +32,23 @@ import logging
 import multiprocessing
 import os
 import re
+import signal
 import sys
 import tarfile
 import tempfile
+import threading
+import time
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
 from pipelines import checks
-from pipelines.imageio import probe_image
-from pipelines.schema import ImageInfo, PairRecord, Reject, RejectError, pair_to_json
+from pipelines.imageio import MAX_IMAGE_BYTES, probe_image
+from pipelines.schema import EXTRA_FIELDS, ImageInfo, PairRecord, Reject, RejectError, pair_to_json
 from pipelines.sources import SOURCE_NAMES, get_source
-from pipelines.storage import Location
+from pipelines.storage import Location, StorageError
 
 log = logging.getLogger("pipelines.shard")
 
@@ -105,7 +109,7 @@ def read_split(source_name: str, root: Location, split: str) -> tuple[list[PairR
         if problems:
             rejects.extend(problems[:1])
             continue
-        pairs.append(item)
+        pairs.append(checks.normalised(item))
     return pairs, rejects, input_pairs
 
 
@@ -184,12 +188,24 @@ def prepare_split(
         image_bytes.update(root.list_files(directory))
     present = []
     for pair in pairs:
-        missing = [p for p in (pair.src.path, pair.trg.path) if p not in image_bytes]
-        if missing:
-            rejects.append(Reject(pair.key, missing[0], checks.MISSING_IMAGE, f"{root.full(missing[0])} does not exist"))
+        problem = next(filter(None, (_listed_image_problem(root, image_bytes, pair, ref.path) for ref in (pair.src, pair.trg))), None)
+        if problem:
+            rejects.append(problem)
         else:
             present.append(pair)
     return PlannedSplit(split, input_pairs, plan_split(split, present, image_bytes, max_shard_bytes), rejects)
+
+
+def _listed_image_problem(root: Location, image_bytes: dict[str, int], pair: PairRecord, path: str) -> Reject | None:
+    """Why the image ``path`` cannot be read, judged from the listing ``image_bytes`` (regular
+    files only) before any byte is read; None when it can."""
+    if path not in image_bytes:
+        if root.exists(path):  # a directory, FIFO or device named like the image
+            return Reject(pair.key, path, checks.UNREADABLE_IMAGE, f"{root.full(path)} is not a regular file")
+        return Reject(pair.key, path, checks.MISSING_IMAGE, f"{root.full(path)} does not exist")
+    if image_bytes[path] > MAX_IMAGE_BYTES:
+        return Reject(pair.key, path, checks.IMAGE_TOO_LARGE, f"{root.full(path)}: {image_bytes[path]} bytes, more than {MAX_IMAGE_BYTES}")
+    return None
 
 
 @dataclass(frozen=True)
@@ -198,6 +214,8 @@ class ShardJob:
     out: Location
     plan: ShardPlan
     full_decode: bool
+    scratch: str
+    """Where the shard is written before it is moved to ``out`` (:meth:`Location.scratch_dir`)."""
 
 
 def write_shard(job: ShardJob) -> dict:
@@ -244,8 +262,9 @@ def write_shard(job: ShardJob) -> dict:
         used_images.setdefault(pair.src.path)
         used_images.setdefault(pair.trg.path)
     stored = selfcontained = 0
-    with tempfile.NamedTemporaryFile(dir=out.scratch_dir(), prefix=f".{plan.name}.", suffix=".partial", delete=False) as tmp:
-        with tarfile.open(fileobj=tmp, mode="w", format=tarfile.PAX_FORMAT) as tar:
+    handle, partial = tempfile.mkstemp(dir=job.scratch, prefix=f".{plan.name}.", suffix=".partial")
+    try:
+        with os.fdopen(handle, "wb") as tmp, tarfile.open(fileobj=tmp, mode="w", format=tarfile.PAX_FORMAT) as tar:
             for path in used_images:
                 meta = image_meta[path]
                 info = ImageInfo(meta["key"], *meta["size"], meta["ext"], path)
@@ -258,8 +277,11 @@ def write_shard(job: ShardJob) -> dict:
                 stored += len(doc_bytes)
                 selfcontained += len(image_data[pair.src.path]) + len(image_data[pair.trg.path]) + len(doc_bytes)
                 rows.append(_index_row(pair, plan.name))
-    tar_bytes = os.path.getsize(tmp.name)
-    out.put_file(plan.name, tmp.name)
+        tar_bytes = os.path.getsize(partial)
+        out.put_file(plan.name, partial)
+    finally:
+        with contextlib.suppress(FileNotFoundError):  # put_file consumed it, unless something failed
+            os.remove(partial)
     manifest = {
         "fingerprint": plan.fingerprint,
         "shard": plan.name,
@@ -315,6 +337,39 @@ def _index_row(pair: PairRecord, shard: str) -> dict:
     return row
 
 
+INDEX_COLUMNS: dict[str, type] = {
+    "key": str, "split": str, "shard": str, "dataset": str, "category": str, "group": str, "threshold": str,
+    "src_image": str, "trg_image": str, "num_keypoints": int, "origin": str,
+}  # fmt: skip
+"""The index columns every pair has (:func:`_index_row`), before its dataset's extras."""
+
+
+def index_table(rows: list[dict]):
+    """The ``index.parquet`` table of ``rows``, its column types fixed by declaration, never
+    inferred from the data: :data:`INDEX_COLUMNS`, then each extra field of
+    :data:`pipelines.schema.EXTRA_FIELDS` some row holds (a row lacking it gets null).
+    :class:`RuntimeError` when a row does not fit (only manifests written by an earlier version of
+    this module can hold such rows)."""
+    import pyarrow as pa  # here, not at the top: spawned shard writers never need it
+
+    arrow_types = {int: pa.int64(), float: pa.float64(), str: pa.string()}
+    if not rows:
+        return pa.table({"key": pa.array([], pa.string())})
+    present = {name for row in rows for name in row}
+    columns = dict(INDEX_COLUMNS)
+    for dataset in sorted({row["dataset"] for row in rows}):
+        columns.update({name: spec.kind for name, spec in EXTRA_FIELDS.get(dataset, {}).items() if name in present})
+    try:
+        if present - columns.keys():
+            raise ValueError(f"undeclared columns {sorted(present - columns.keys())}")
+        return pa.Table.from_pylist(rows, schema=pa.schema([(name, arrow_types[kind]) for name, kind in columns.items()]))
+    except (ValueError, TypeError, OverflowError) as error:  # pyarrow's errors derive from these
+        raise RuntimeError(
+            f"index rows do not fit their declared types ({error}); the manifests under {MANIFEST_DIR}/ were "
+            f"written by an earlier version: remove {MANIFEST_DIR}/ and shard again"
+        ) from error
+
+
 def _manifest_path(plan: ShardPlan) -> str:
     return f"{MANIFEST_DIR}/{plan.split}/{plan.name}.json"
 
@@ -325,9 +380,9 @@ def _finished_shards(out: Location, split_plan: PlannedSplit, existing: dict[str
     finished = set()
     for shard in split_plan.shards:
         manifest_path = _manifest_path(shard)
-        if shard.name in existing and manifest_path in existing:
-            if json.loads(out.read_text(manifest_path)).get("fingerprint") == shard.fingerprint:
-                finished.add(shard.name)
+        written = shard.name in existing and manifest_path in existing
+        if written and json.loads(out.read_text(manifest_path)).get("fingerprint") == shard.fingerprint:
+            finished.add(shard.name)
     return finished
 
 
@@ -348,29 +403,92 @@ def _clean_stale(out: Location, split_plan: PlannedSplit, existing: dict[str, in
             out.remove(f"{MANIFEST_DIR}/{split_plan.split}/{name}.json")
 
 
-def start_jobs(jobs: list[ShardJob], pool: concurrent.futures.Executor | None) -> Iterator[dict]:
-    """Start shard jobs in ``pool`` (lazily in this process when None); iterating the result
-    yields their manifests as they finish."""
-    if pool is None:
-        return map(write_shard, jobs)
-    futures = [pool.submit(write_shard, job) for job in jobs]
-    return (future.result() for future in concurrent.futures.as_completed(futures))
+class ShardError(RuntimeError):
+    """A shard that could not be written; the message names it and the cause. The run stops at
+    the first one (fail fast) and keeps the shards already complete, so a re-run resumes."""
 
 
-def worker_pool(workers: int) -> contextlib.AbstractContextManager:
+StartedJob = tuple[ShardJob, "concurrent.futures.Future[dict] | None"]
+"""A shard job and its future in the pool; ``None``: it waits to be written in this process."""
+
+
+def start_jobs(jobs: list[ShardJob], pool: concurrent.futures.Executor | None) -> list[StartedJob]:
+    """Start shard jobs in ``pool``; without one, each is written by :func:`finished_jobs`."""
+    return [(job, pool.submit(write_shard, job) if pool else None) for job in jobs]
+
+
+def finished_jobs(started: list[StartedJob]) -> Iterator[tuple[ShardJob, dict]]:
+    """``(job, manifest)`` for each started job as it finishes: those without a future written
+    here one by one, those in the pool in completion order. The first job that fails raises
+    :class:`ShardError` naming its shard; leaving :func:`worker_pool` then cancels every job not
+    yet running."""
+    in_pool = {future: job for job, future in started if future is not None}
+    for job, future in started:
+        if future is None:
+            yield job, _shard_outcome(job, functools.partial(write_shard, job))
+    for future in concurrent.futures.as_completed(in_pool):
+        yield in_pool[future], _shard_outcome(in_pool[future], future.result)
+
+
+def _shard_outcome(job: ShardJob, result: Callable[[], dict]) -> dict:
+    try:
+        return result()
+    except Exception as error:  # whatever stopped one shard stops the run, named
+        raise ShardError(
+            f"shard {job.plan.name} not written: {error} (the shards complete so far are kept: run again to resume)"
+        ) from error
+
+
+@contextlib.contextmanager
+def worker_pool(workers: int) -> Iterator[concurrent.futures.Executor | None]:
     """``workers`` processes for the whole job (none for 1). They are spawned: forking a process
     that holds boto3 clients or threads is unsafe, and a forkserver would keep the environment
-    (credentials, endpoints) of its first use."""
+    (credentials, endpoints) of its first use. Each ends when this process dies, even by SIGKILL
+    (:func:`_end_with_parent`). Leaving the block, after a failure too, cancels the jobs not yet
+    running and waits for those running."""
     if workers <= 1:
-        return contextlib.nullcontext()
-    return concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+        yield None
+        return
+    pool = concurrent.futures.ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_end_with_parent,
+        initargs=(os.getpid(),),
+    )
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _end_with_parent(parent: int) -> None:
+    """Pool worker initializer: the worker is killed when ``parent`` (the process that started
+    it) dies, instead of waiting forever for work; on Linux by the kernel (``PR_SET_PDEATHSIG``,
+    which fires when the thread that started the worker ends: the one that submitted jobs, which
+    outlives the pool), elsewhere by a thread polling the parent's pid."""
+    if not (sys.platform.startswith("linux") and _kill_on_parent_death()):
+        threading.Thread(target=_poll_parent, args=(parent,), daemon=True).start()
+    if os.getppid() != parent:  # it died before this worker could ask
+        os._exit(1)
+
+
+def _kill_on_parent_death() -> bool:
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    return ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL) == 0
+
+
+def _poll_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1)
+    os._exit(1)
 
 
 @dataclass
 class StartedSplit:
     plan: PlannedSplit
-    manifests: Iterator[dict]
-    pending_pairs: int
+    jobs: list[StartedJob]
 
 
 def start_split(
@@ -381,8 +499,10 @@ def start_split(
     max_shard_bytes: int,
     pool: concurrent.futures.Executor | None,
     full_decode: bool,
+    scratch: str,
 ) -> StartedSplit:
-    """Read and plan one split, and start writing the shards an earlier run did not finish."""
+    """Read and plan one split, and start writing (in ``scratch`` first) the shards an earlier
+    run did not finish."""
     split_plan = prepare_split(source_name, root, split, max_shard_bytes)
     # One listing serves both: cleaning removes only files that are not planned shards.
     existing = out.list_files("")
@@ -390,8 +510,8 @@ def start_split(
     finished = _finished_shards(out, split_plan, existing)
     if finished:
         log.info("%s: %d of %d shards already complete, resuming", split, len(finished), len(split_plan.shards))
-    jobs = [ShardJob(root, out, plan, full_decode) for plan in split_plan.shards if plan.name not in finished]
-    return StartedSplit(split_plan, start_jobs(jobs, pool), sum(len(job.plan.pairs) for job in jobs))
+    jobs = [ShardJob(root, out, plan, full_decode, scratch) for plan in split_plan.shards if plan.name not in finished]
+    return StartedSplit(split_plan, start_jobs(jobs, pool))
 
 
 def record_split(out: Location, source_name: str, split_plan: PlannedSplit) -> None:
@@ -409,8 +529,7 @@ def record_split(out: Location, source_name: str, split_plan: PlannedSplit) -> N
 def finalize(out: Location) -> dict:
     """Build ``index.parquet``, ``rejects.jsonl`` and ``summary.json`` from the manifests of every
     completed split in ``out`` (so splits sharded by separate runs share one index). Written last."""
-    import pyarrow as pa  # here, not at the top: spawned shard writers never need it
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # here, not at the top: spawned shard writers never need it
 
     listing = out.list_files(MANIFEST_DIR)
     split_records = [json.loads(out.read_text(p)) for p in listing if p.count("/") == 1 and p.endswith(".json")]
@@ -449,7 +568,7 @@ def finalize(out: Location) -> dict:
         rows.extend(split_rows)
         reject_rows.extend(split_rejects)
     sink = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows) if rows else pa.table({"key": pa.array([], pa.string())}), sink)
+    pq.write_table(index_table(rows), sink)
     out.put_bytes("rejects.jsonl", "".join(json.dumps(r) + "\n" for r in reject_rows).encode())
     out.put_bytes("summary.json", json.dumps(summary, indent=2).encode())
     out.put_bytes("index.parquet", sink.getvalue())
@@ -475,20 +594,26 @@ def shard_dataset(
     workers: int = 1,
     full_decode: bool = False,
 ) -> dict:
-    """Shard ``splits`` (default: all of the source's) of ``root`` into ``out``; return the summary."""
+    """Shard ``splits`` (default: all of the source's) of ``root`` into ``out``; return the summary.
+    The first shard that cannot be written stops the run with :class:`ShardError`; no scratch file
+    is left behind on any exit."""
     source = get_source(source_name)
     splits = splits or list(source.splits)
     unknown = [split for split in splits if split not in source.splits]
     if unknown:
         raise ValueError(f"{source_name} has no split {unknown[0]!r}; choose from {', '.join(source.splits)}")
-    with worker_pool(workers) as pool:
+    # The pool ends (its workers idle) before the scratch directory is removed.
+    with out.scratch_dir() as scratch, worker_pool(workers) as pool:
         # Each split's shards are written while the next split's annotations are read.
-        started = [start_split(source_name, root, out, split, max_shard_bytes, pool, full_decode) for split in splits]
-        with tqdm(total=sum(s.pending_pairs for s in started), desc="shards", unit=" pairs") as progress:
-            for split in started:
-                for manifest in split.manifests:
-                    progress.update(len(manifest["rows"]) + len(manifest["rejects"]))
-                record_split(out, source_name, split.plan)
+        started = [
+            start_split(source_name, root, out, split, max_shard_bytes, pool, full_decode, scratch) for split in splits
+        ]
+        jobs = [job for split in started for job in split.jobs]
+        with tqdm(total=sum(len(job.plan.pairs) for job, _ in jobs), desc="shards", unit=" pairs") as progress:
+            for _, manifest in finished_jobs(jobs):
+                progress.update(len(manifest["rows"]) + len(manifest["rejects"]))
+    for split in started:
+        record_split(out, source_name, split.plan)
     return finalize(out)
 
 
@@ -555,11 +680,11 @@ def format_summary(summary: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    root = Location(args.root, args.s3_endpoint_url)
-    out = Location(args.out, args.s3_endpoint_url)
     try:
+        root = Location(args.root, args.s3_endpoint_url)
+        out = Location(args.out, args.s3_endpoint_url)
         summary = shard_dataset(args.dataset, root, out, args.split, args.max_shard_bytes, args.workers, args.full_decode)
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError, StorageError, ShardError) as error:
         log.error("%s", error)
         return 2
     print(format_summary(summary))

@@ -1,19 +1,30 @@
 """Local directories and ``s3://bucket/prefix`` URLs behind one small interface.
 
-A :class:`Location` is a root; every method takes a path relative to it with ``/`` separators.
+A :class:`Location` is a root; every method takes a path relative to it with ``/`` separators,
+confined to it (:func:`confine`: an absolute path or one climbing out with ``..`` raises
+:class:`PathOutsideRoot`), and local reads open regular files only (never a FIFO or device).
 Writes are atomic: a local file appears under its final name only when complete (write to a
 temporary name, then rename), and an S3 object only when its (multipart) upload completes.
 S3 goes through boto3; the endpoint comes from ``endpoint_url`` or the ``AWS_ENDPOINT_URL``
 environment variable (:func:`resolve_endpoint`), so S3-compatible stores (MinIO, Ceph, moto) work as
 well as AWS. This module is the one place that turns an S3 URL and endpoint into a client
-(:func:`s3_client`) or a pyarrow filesystem (:func:`arrow_filesystem`, for Ray's storage).
+(:func:`s3_client`) or a pyarrow filesystem (:func:`arrow_filesystem`, for Ray's storage), and
+the one place that turns what boto3 raises into a one-line error naming the resource
+(:func:`s3_errors`: :class:`FileNotFoundError` for a missing object, else :class:`StorageError`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import os
+import posixpath
+import re
+import shutil
+import stat
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -91,9 +102,122 @@ def _client_error() -> type[Exception]:
     return ClientError
 
 
+class StorageError(Exception):
+    """An S3 request that failed for another reason than a missing object (that is a
+    :class:`FileNotFoundError`): no such bucket, credentials missing or refused, an endpoint that
+    cannot be reached. The message is one line naming the resource and the endpoint. Not an
+    :class:`OSError` on purpose: an ``OSError`` while reading one input makes that input a reject,
+    while a store that cannot be used must stop the run (a re-run then resumes)."""
+
+
+_NOT_FOUND_CODES = ("NoSuchKey", "404", "NotFound")
+_REFUSED_CODES = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken", "403")
+
+
+@contextlib.contextmanager
+def s3_errors(url: str, endpoint_url: str | None) -> Iterator[None]:
+    """Around S3 requests for ``url``: what boto3 raises becomes :class:`FileNotFoundError` (no
+    such object) or :class:`StorageError`, naming ``url``, its bucket or the endpoint."""
+    from boto3.exceptions import S3UploadFailedError
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        yield
+    except (ClientError, BotoCoreError, S3UploadFailedError) as error:
+        raise _storage_error(error, url, resolve_endpoint(endpoint_url) or "AWS") from error
+
+
+def _storage_error(error: Exception, url: str, endpoint: str) -> Exception:
+    from botocore.exceptions import ClientError, ConnectionError, NoCredentialsError, PartialCredentialsError
+
+    if not isinstance(error, ClientError) and isinstance(error.__context__, ClientError):
+        error = error.__context__  # upload_file wraps the request's error in S3UploadFailedError
+    if isinstance(error, ClientError):
+        details = error.response.get("Error", {})
+        code, message = details.get("Code", ""), details.get("Message", "")
+        if code in _NOT_FOUND_CODES:
+            return FileNotFoundError(f"{url}: no such object")
+        if code == "NoSuchBucket":
+            return StorageError(f"{url}: bucket {split_s3_url(url)[0]!r} does not exist at {endpoint}")
+        if code in _REFUSED_CODES:
+            return StorageError(
+                f"{url}: {endpoint} refused the request ({code}: {message}); check the credentials"
+                " (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE) and the bucket's permissions"
+            )
+        return StorageError(f"{url}: {error.operation_name} failed at {endpoint} ({code}: {message})")
+    if isinstance(error, (NoCredentialsError, PartialCredentialsError)):
+        return StorageError(f"{url}: no S3 credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or AWS_PROFILE)")
+    if isinstance(error, ConnectionError):
+        return StorageError(f"{url}: cannot reach the S3 endpoint {endpoint} ({error})")
+    return StorageError(f"{url}: S3 request to {endpoint} failed ({error})")
+
+
+SCRATCH_PREFIX = "pipelines-scratch-"
+"""Scratch directories for S3 uploads are ``<temp dir>/pipelines-scratch-<pid>-<random>``."""
+
+
+def _remove_dead_scratch(temp_dir: str) -> None:
+    """Remove this user's scratch directories whose process no longer exists (a killed run)."""
+    for entry in os.scandir(temp_dir):
+        match = re.fullmatch(rf"{SCRATCH_PREFIX}(\d+)-\w+", entry.name)
+        if not (match and entry.is_dir(follow_symlinks=False)):
+            continue
+        if entry.stat(follow_symlinks=False).st_uid == os.getuid() and not _process_exists(int(match.group(1))):
+            shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
+class PathOutsideRoot(ValueError):
+    """A path given relative to a :class:`Location` that does not name something inside it: an
+    absolute path, one whose ``..`` components climb above the root once normalised, or one holding
+    a NUL byte. Raised before anything is read, written, listed or removed."""
+
+    def __init__(self, root: str, path: str, why: str) -> None:
+        super().__init__(f"{path!r} is outside {root}: {why}")
+        self.root, self.path = root, path
+
+
+class NotARegularFile(OSError):
+    """A path that exists but is not a regular file (a FIFO, socket or device): never opened for
+    reading, since reading a FIFO can block forever."""
+
+
+class FileTooLarge(OSError):
+    """A file larger than the ``max_bytes`` its reader allows."""
+
+
+def confine(rel: str, root: str = "the root") -> str:
+    """``rel`` normalised (``a/./b/../c`` -> ``a/c``; ``""`` and ``.`` -> ``""``, the root itself),
+    or :class:`PathOutsideRoot` naming ``root`` when ``rel`` is absolute, climbs above the root
+    with ``..`` or holds a NUL byte. Purely lexical: the same check for local paths and S3 keys, so
+    it can also vet a path before any :class:`Location` is at hand."""
+    if "\0" in rel:
+        raise PathOutsideRoot(root, rel, "a path cannot hold a NUL byte")
+    if rel.startswith("/"):
+        raise PathOutsideRoot(root, rel, "the path is absolute, not relative to the root")
+    normal = posixpath.normpath(rel) if rel else "."
+    if normal == ".." or normal.startswith("../"):
+        raise PathOutsideRoot(root, rel, "its '..' components climb above the root")
+    return "" if normal == "." else normal
+
+
 @dataclass(frozen=True)
 class Location:
-    """A root directory: a local path or ``s3://bucket/prefix``."""
+    """A root directory: a local path or ``s3://bucket/prefix``.
+
+    Every path a method takes is confined to the root by :func:`confine`: an absolute path or one
+    climbing above the root raises :class:`PathOutsideRoot`, so nothing outside the root is ever
+    read, written, listed or removed through a Location (symbolic links a user placed inside a
+    local root are followed, as that user's choice)."""
 
     url: str
     endpoint_url: str | None = None
@@ -110,26 +234,34 @@ class Location:
 
     def full(self, rel: str) -> str:
         """The full path or URL of ``rel``."""
+        rel = confine(rel, self.url)
         return f"{self.url.rstrip('/')}/{rel}" if rel else self.url
 
     def _s3_key(self, rel: str) -> tuple[str, str]:
+        rel = confine(rel, self.url)
         bucket, prefix = split_s3_url(self.url)
         return bucket, f"{prefix}/{rel}" if prefix else rel
 
     def _local(self, rel: str) -> Path:
-        return Path(self.url) / rel
+        return Path(self.url) / confine(rel, self.url)
 
-    def read_bytes(self, rel: str) -> bytes:
-        """The bytes of ``rel``; :class:`FileNotFoundError` naming the full path if missing."""
+    def _s3_errors(self, rel: str) -> contextlib.AbstractContextManager:
+        return s3_errors(self.full(rel), self.endpoint_url)
+
+    def read_bytes(self, rel: str, max_bytes: int | None = None) -> bytes:
+        """The bytes of ``rel``; :class:`FileNotFoundError` naming the full path if missing,
+        :class:`FileTooLarge` (read no further) when it holds more than ``max_bytes``. A local
+        ``rel`` must be a regular file (a symbolic link to one is followed): a directory raises
+        :class:`IsADirectoryError`, anything else :class:`NotARegularFile`, unread."""
         if not self.remote:
-            return self._local(rel).read_bytes()
+            return _read_regular_file(self._local(rel), max_bytes)
         bucket, key = self._s3_key(rel)
-        try:
-            return s3_client(self.endpoint_url).get_object(Bucket=bucket, Key=key)["Body"].read()
-        except _client_error() as error:
-            if error.response["Error"]["Code"] in ("NoSuchKey", "404"):
-                raise FileNotFoundError(f"{self.full(rel)}: no such object") from error
-            raise
+        with self._s3_errors(rel):
+            response = s3_client(self.endpoint_url).get_object(Bucket=bucket, Key=key)
+            if max_bytes is not None and response["ContentLength"] > max_bytes:
+                response["Body"].close()
+                raise FileTooLarge(errno.EFBIG, f"{response['ContentLength']} bytes, more than the {max_bytes} allowed", self.full(rel))
+            return response["Body"].read()
 
     def read_text(self, rel: str) -> str:
         return self.read_bytes(rel).decode("utf-8")
@@ -139,19 +271,21 @@ class Location:
             return self._local(rel).exists()
         bucket, key = self._s3_key(rel)
         client = s3_client(self.endpoint_url)
-        try:
-            client.head_object(Bucket=bucket, Key=key)
-            return True
-        except _client_error() as error:
-            if error.response["Error"]["Code"] not in ("NoSuchKey", "404", "NotFound"):
-                raise
-        # A "directory" exists on S3 when some object lies under it.
-        listing = client.list_objects_v2(Bucket=bucket, Prefix=key.rstrip("/") + "/", MaxKeys=1)
+        with self._s3_errors(rel):
+            try:
+                client.head_object(Bucket=bucket, Key=key)
+                return True
+            except _client_error() as error:
+                if error.response["Error"]["Code"] not in _NOT_FOUND_CODES:
+                    raise
+            # A "directory" exists on S3 when some object lies under it.
+            listing = client.list_objects_v2(Bucket=bucket, Prefix=key.rstrip("/") + "/", MaxKeys=1)
         return listing.get("KeyCount", 0) > 0
 
     def list_files(self, rel_dir: str = "") -> dict[str, int]:
         """Every file below ``rel_dir`` (recursively) as ``{relative path: size in bytes}``,
-        sorted by path. Missing directories give an empty listing."""
+        sorted by path. Missing directories give an empty listing. Locally only regular files
+        count: dangling or looping symbolic links, FIFOs and devices are left out."""
         if not self.remote:
             base = self._local(rel_dir)
             if not base.is_dir():
@@ -161,7 +295,12 @@ class Location:
             for dirpath, _, filenames in os.walk(base):
                 for name in filenames:
                     path = Path(dirpath) / name
-                    found[path.relative_to(root).as_posix()] = path.stat().st_size
+                    try:
+                        info = path.stat()
+                    except OSError:  # a dangling or looping symbolic link: no file to list
+                        continue
+                    if stat.S_ISREG(info.st_mode):  # FIFOs, sockets and devices are no files
+                        found[path.relative_to(root).as_posix()] = info.st_size
             return dict(sorted(found.items()))
         bucket, key = self._s3_key(rel_dir)
         _, root_prefix = split_s3_url(self.url)
@@ -169,16 +308,18 @@ class Location:
         strip = len(root_prefix) + 1 if root_prefix else 0
         found = {}
         paginator = s3_client(self.endpoint_url).get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
-            for obj in page.get("Contents", []):
-                found[obj["Key"][strip:]] = obj["Size"]
+        with self._s3_errors(rel_dir):
+            for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+                for obj in page.get("Contents", []):
+                    found[obj["Key"][strip:]] = obj["Size"]
         return dict(sorted(found.items()))
 
     def put_bytes(self, rel: str, data: bytes) -> None:
         """Write ``data`` to ``rel`` atomically."""
         if self.remote:
             bucket, key = self._s3_key(rel)
-            s3_client(self.endpoint_url).put_object(Bucket=bucket, Key=key, Body=data)
+            with self._s3_errors(rel):
+                s3_client(self.endpoint_url).put_object(Bucket=bucket, Key=key, Body=data)
             return
         target = self._local(rel)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -188,31 +329,68 @@ class Location:
 
     def put_file(self, rel: str, local_path: str | Path) -> None:
         """Move the finished local file ``local_path`` to ``rel`` atomically (a rename locally,
-        a multipart upload on S3, visible only once complete); ``local_path`` is consumed."""
+        a multipart upload on S3, visible only once complete); ``local_path`` is consumed (when
+        the move fails, it is left to the caller)."""
         if self.remote:
             bucket, key = self._s3_key(rel)
-            s3_client(self.endpoint_url).upload_file(str(local_path), bucket, key)
+            with self._s3_errors(rel):
+                s3_client(self.endpoint_url).upload_file(str(local_path), bucket, key)
             os.remove(local_path)
             return
         target = self._local(rel)
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(local_path, target)
 
-    def scratch_dir(self) -> str:
-        """A directory for files being written before :meth:`put_file` moves them: beside the
-        target locally (so the rename stays on one filesystem), the system temp dir for S3."""
-        if self.remote:
-            return tempfile.gettempdir()
-        Path(self.url).mkdir(parents=True, exist_ok=True)
-        return self.url
+    @contextlib.contextmanager
+    def scratch_dir(self) -> Iterator[str]:
+        """For one run, a directory for files being written before :meth:`put_file` moves them.
+        Locally the root itself, so the rename stays on one filesystem (a writer names its files
+        so that a re-run can remove what a killed run left). On S3 a fresh directory of this
+        process in the system temp dir, removed with all it holds when the run ends; such
+        directories of processes that no longer exist (killed runs) are removed first."""
+        if not self.remote:
+            Path(self.url).mkdir(parents=True, exist_ok=True)
+            yield self.url
+            return
+        _remove_dead_scratch(tempfile.gettempdir())
+        path = tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-")
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
 
     def remove(self, rel: str) -> None:
         if self.remote:
             bucket, key = self._s3_key(rel)
-            s3_client(self.endpoint_url).delete_object(Bucket=bucket, Key=key)
+            with self._s3_errors(rel):
+                s3_client(self.endpoint_url).delete_object(Bucket=bucket, Key=key)
         else:
             self._local(rel).unlink(missing_ok=True)
 
+
+
+def _read_regular_file(path: Path, max_bytes: int | None) -> bytes:
+    """The bytes of the regular file at ``path``. It is opened non-blocking (so opening a FIFO
+    returns at once instead of waiting for a writer) and checked with ``fstat`` on the open
+    descriptor, so what is checked is what is read."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with open(fd, "rb") as stream:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise IsADirectoryError(errno.EISDIR, "is a directory, not a file", str(path))
+        if not stat.S_ISREG(info.st_mode):
+            raise NotARegularFile(errno.EINVAL, f"not a regular file (a {_file_kind(info.st_mode)})", str(path))
+        if max_bytes is not None and info.st_size > max_bytes:
+            raise FileTooLarge(errno.EFBIG, f"{info.st_size} bytes, more than the {max_bytes} allowed", str(path))
+        data = stream.read() if max_bytes is None else stream.read(max_bytes + 1)
+    if max_bytes is not None and len(data) > max_bytes:  # it grew while being read
+        raise FileTooLarge(errno.EFBIG, f"more than the {max_bytes} bytes allowed", str(path))
+    return data
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"))
+    return next((name for test, name in kinds if test(mode)), "special file")
 
 
 def open_url(url: str, endpoint_url: str | None = None):
@@ -220,4 +398,5 @@ def open_url(url: str, endpoint_url: str | None = None):
     if not is_s3(url):
         return open(url, "rb")
     bucket, key = split_s3_url(url)
-    return s3_client(endpoint_url).get_object(Bucket=bucket, Key=key)["Body"]
+    with s3_errors(url, endpoint_url):
+        return s3_client(endpoint_url).get_object(Bucket=bucket, Key=key)["Body"]

@@ -16,7 +16,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from sm_eval.evaluate import DEFAULT_ALPHAS, EvalRequest, evaluate
+from pipelines.storage import StorageError
+from sm_eval.evaluate import DEFAULT_ALPHAS, EvalRequest, check_alphas, evaluate
 from sm_eval.pck import RULES
 from sm_eval.report import AVERAGE_LABELS, AVERAGES, percent
 from sm_eval.runner import DTYPES, EvalSettings
@@ -37,17 +38,21 @@ from the target: bbox (SPair, AP-10K), img (PF-PASCAL), bbox-kp (PF-WILLOW, real
 original-image pixels unless --frame resized. AP-10K: --split test, test_cross_species or
 test_cross_family. A checkpoint trained on one dataset evaluates on another's shards as is.
 
-exit status: 0 done, 1 the data or a checkpoint is unusable (the message names the file), 2 usage."""
+exit status: 0 done, 1 the data or a checkpoint is unusable (the message names the file), 2 usage,
+or an S3 store that cannot be used (no such bucket, credentials, endpoint: the message names it)."""
 
 
 def parse_alphas(text: str) -> tuple[float, ...]:
-    """``"0.01,0.05,0.1"`` -> ``(0.01, 0.05, 0.1)``; each must be a positive number, no repeats."""
+    """``"0.01,0.05,0.1"`` -> ``(0.01, 0.05, 0.1)``; each must be a positive number of at most 1
+    (:func:`~sm_eval.evaluate.check_alphas`), no repeats."""
     try:
         alphas = tuple(float(part) for part in text.split(",") if part.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"alphas must be comma-separated numbers, got {text!r}") from None
-    if not alphas or any(a <= 0 for a in alphas) or len(set(alphas)) != len(alphas):
-        raise argparse.ArgumentTypeError(f"alphas must be distinct positive numbers, got {text!r}")
+    try:
+        check_alphas(alphas)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
     return alphas
 
 
@@ -197,7 +202,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             ray.init(address=args.ray_address, log_to_driver=True)
         report = evaluate(request)
-    except (FileNotFoundError, ValueError, RuntimeError) as error:
+    except StorageError as error:  # no bucket, credentials refused, endpoint unreachable: the setup, not the data
+        print(f"sm_eval: error: {error}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError, RuntimeError) as error:  # OSError: e.g. --out cannot be written
         log.error("%s", error)
         print(f"sm_eval: error: {error}", file=sys.stderr)
         return 1

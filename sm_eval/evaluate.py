@@ -16,11 +16,14 @@ Ray workers), aggregate, and write the outputs.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,8 +32,8 @@ import pyarrow.parquet as pq
 import torch
 
 from pipelines.reader import pair_dataset
-from pipelines.schema import PairSample
-from pipelines.storage import Location
+from pipelines.schema import PairSample, safe_key
+from pipelines.storage import Location, is_s3
 from sm_eval import figures
 from sm_eval.checkpoints import CheckpointFile, read_checkpoint_files
 from sm_eval.pck import RULES, KeypointRecords, frame_square, keypoint_hits
@@ -54,6 +57,8 @@ REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 PCK_CURVE = "pck_curve.png"
 MATCHES_DIR = "matches"
+MAX_ALPHA = 1.0
+"""The largest PCK threshold, as a fraction of the base (the target's box or image side)."""
 
 
 @dataclass(frozen=True)
@@ -62,7 +67,8 @@ class EvalRequest:
     ``model.pt`` (local or ``s3://``); ``shards``: a shard directory (local or ``s3://``);
     ``workers``: 0 for this process, N for N Ray workers (Ray initialised by the caller);
     ``gpus_per_worker``: ``None`` means 1 when the Ray cluster has GPUs, else 0; ``device``
-    (this process only): ``auto``, ``cpu`` or ``cuda``; ``matches``: how many pairs to draw."""
+    (this process only): ``auto``, ``cpu`` or ``cuda``; ``matches``: how many pairs to draw.
+    Every field is checked here, before any work: ``ValueError`` says what is wrong."""
 
     checkpoints: tuple[str, ...]
     shards: str
@@ -82,12 +88,37 @@ class EvalRequest:
     def __post_init__(self) -> None:
         if not self.checkpoints:
             raise ValueError("at least one checkpoint is needed")
-        if not self.alphas or any(not 0 < a for a in self.alphas) or len(set(self.alphas)) != len(self.alphas):
-            raise ValueError(f"alphas must be distinct and positive, got {list(self.alphas)}")
+        check_alphas(self.alphas)
         if self.rule not in RULES:
             raise ValueError(f"unknown rule {self.rule!r}; expected one of {RULES}")
         if self.workers < 0 or self.matches < 0:
             raise ValueError(f"workers ({self.workers}) and matches ({self.matches}) must not be negative")
+        check_output_dir(self.out)
+
+
+def check_alphas(alphas: Sequence[float]) -> None:
+    """Raise ``ValueError`` unless ``alphas`` are distinct numbers in ``(0, MAX_ALPHA]`` (NaN and
+    infinity are not)."""
+    if not alphas or not all(0 < a <= MAX_ALPHA for a in alphas) or len(set(alphas)) != len(alphas):
+        raise ValueError(f"alphas must be distinct positive numbers of at most {MAX_ALPHA:g}, got {list(alphas)}")
+
+
+def check_output_dir(out: str) -> None:
+    """Raise ``ValueError`` when the local directory ``out`` cannot be created or written: it or
+    a parent is a file or a dangling link, or the nearest existing one is not writable. An
+    ``s3://`` output is checked by its first write."""
+    if is_s3(out):
+        return
+    path = Path(out).expanduser().absolute()
+    for existing in (path, *path.parents):
+        if existing.is_symlink() and not existing.exists():
+            raise ValueError(f"output directory {out}: {existing} is a link to nothing")
+        if existing.exists():
+            break
+    if not existing.is_dir():
+        raise ValueError(f"output directory {out}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"output directory {out}: {existing} is not writable")
 
 
 def evaluate(request: EvalRequest) -> dict[str, Any]:
@@ -120,8 +151,16 @@ def evaluate(request: EvalRequest) -> dict[str, Any]:
         )
         timings[checkpoint.name] = time.perf_counter() - started
         log.info("%s: %d pairs in %.1f s", checkpoint.name, plan.num_pairs, timings[checkpoint.name])
-    match_files = _write_matches(out, plan, records, request)
-    report = _report(request, plan, checkpoints, records, timings, settings, gpus, match_files)
+    # The report is built before the first file is written: a failure in it leaves --out as it was.
+    keys = sample_pairs(plan.pair_keys, plan.categories, request.matches)
+    match_files = {
+        name: [match_file(rank, key, name if len(records) > 1 else None) for rank, key in enumerate(keys)]
+        for name in records
+    }
+    report = _report(
+        request, plan, checkpoints, records, timings, settings, gpus, [p for f in match_files.values() for p in f]
+    )
+    _write_matches(out, plan, records, request, keys, match_files)
     _write_outputs(out, records, report)
     return report
 
@@ -224,29 +263,38 @@ def _curve_image(report: Mapping[str, Any]):
 # ---- match pictures ----------------------------------------------------------------------------
 
 
+def match_file(rank: int, key: str, model: str | None = None) -> str:
+    """The path, relative to ``--out``, of the match picture of the ``rank``-th drawn pair (of
+    ``model`` when several are compared). The pair key comes from a shard, so it enters the name
+    only as :func:`~pipelines.schema.safe_key` makes it (letters, digits, ``_()+-``: an ordinary
+    key is unchanged, ``../x`` becomes ``___x``), shortened with a digest when very long: the name
+    can never point elsewhere."""
+    name = safe_key(key)
+    if len(name) > 120:
+        name = f"{name[:100]}-{hashlib.sha256(key.encode('utf-8', 'surrogatepass')).hexdigest()[:16]}"
+    return f"{MATCHES_DIR}/{f'{model}-' if model else ''}{rank:02d}-{name}.png"
+
+
 def _write_matches(
-    out: Location, plan: SplitPlan, records: Mapping[str, KeypointRecords], request: EvalRequest
-) -> list[str]:
-    """Draw the sampled pairs for every model into ``matches/``; returns the written paths
-    (relative to ``out``). Stale pictures of an earlier run in ``matches/`` are removed first."""
+    out: Location,
+    plan: SplitPlan,
+    records: Mapping[str, KeypointRecords],
+    request: EvalRequest,
+    keys: Sequence[str],
+    files: Mapping[str, Sequence[str]],
+) -> None:
+    """Draw the pairs ``keys`` for every model into ``files[model]`` (paths relative to ``out``,
+    parallel to ``keys``). Stale pictures of an earlier run in ``matches/`` are removed first."""
+    samples = read_pairs(plan, keys) if keys else {}
     for stale in out.list_files(MATCHES_DIR):
         if stale.endswith(".png"):
             out.remove(stale)
-    keys = sample_pairs(plan.pair_keys, plan.categories, request.matches)
-    if not keys:
-        return []
-    samples = read_pairs(plan, keys)
     alpha = table_alpha(request.alphas)
-    written = []
     for name, model_records in records.items():
         rows = _rows_by_pair(model_records)
-        for rank, key in enumerate(keys):
-            prefix = f"{name}-" if len(records) > 1 else ""
-            path = f"{MATCHES_DIR}/{prefix}{rank:02d}-{key}.png"
+        for key, path in zip(keys, files[name]):
             picture = match_picture(samples[key], model_records.take(rows[key]), alpha, request.rule, name)
             out.put_bytes(path, figures.png_bytes(picture))
-            written.append(path)
-    return written
 
 
 def read_pairs(plan: SplitPlan, keys: Sequence[str]) -> dict[str, PairSample]:

@@ -160,20 +160,28 @@ def canonical_order(pair_keys: np.ndarray, position: Mapping[str, int]) -> np.nd
 
 def check_coverage(plan: SplitPlan, seen_keys: Sequence[str] | np.ndarray, shards_read: Sequence[str]) -> None:
     """Raise ``ValueError`` naming each shard of ``shards_read`` whose pairs (by the index) are
-    not exactly those seen (a shard cut short or holding other pairs than its index says)."""
-    seen = set(seen_keys)
+    not exactly those seen (a shard cut short or holding other pairs than its index says).
+    ``seen_keys`` holds a pair's key once per time it was read: counts are compared, not sets, so
+    a pair read twice (and so scored twice) is an error too."""
+    seen = Counter(seen_keys)
     expected: dict[str, list[str]] = defaultdict(list)
     for key, shard in zip(plan.pair_keys, plan.pair_shards):
         expected[shard].append(key)
     problems = []
     for shard in shards_read:
-        missing = [key for key in expected[shard] if key not in seen]
+        missing = [key for key in expected[shard] if not seen[key]]
         if missing:
             problems.append(
                 f"shard {plan.shards.full(shard)} yielded {len(expected[shard]) - len(missing)} of the "
                 f"{len(expected[shard])} pairs index.parquet lists (missing e.g. {missing[:3]})"
             )
-    unexpected = sorted(seen - set(plan.pair_keys))
+    repeated = sorted(key for key, count in seen.items() if count > 1)
+    if repeated:
+        problems.append(
+            f"pairs were read more than once: {repeated[:3]} (read {[seen[key] for key in repeated[:3]]} times, "
+            f"in shards {sorted({plan.shard_of.get(key, '?') for key in repeated[:3]})} by index.parquet)"
+        )
+    unexpected = sorted(set(seen) - set(plan.pair_keys))
     if unexpected:
         problems.append(f"pairs not in split {plan.split!r} of index.parquet were read: {unexpected[:3]}")
     if problems:

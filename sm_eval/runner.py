@@ -126,7 +126,7 @@ def predict_split(
     its index lists raises ``ValueError`` naming it. ``progress`` shows a bar of pairs evaluated;
     ``on_batch`` is called with each batch's pair count as it arrives."""
     desc = f"{checkpoint.name} {plan.split}"
-    parts = []
+    parts, seen = [], []
     with tqdm(total=plan.num_pairs, unit="pair", desc=desc, disable=not progress, dynamic_ncols=True) as bar:
         if workers == 0:
             stream = worker_records(checkpoint.data, plan.shards, list(plan.shard_counts), plan.shard_of, settings)
@@ -135,15 +135,16 @@ def predict_split(
             cpus = settings.threads if cpus_per_worker is None else cpus_per_worker
             stream = _run_ray(checkpoint, plan, ray_settings, workers, gpus_per_worker, cpus)
         for part in stream:
-            pairs = _pair_count(part)
-            bar.update(pairs)
+            keys = _pair_keys(part)
+            bar.update(len(keys))
             if on_batch is not None:
-                on_batch(pairs)
+                on_batch(len(keys))
             parts.append(part)
+            seen += keys
     if not parts:
         raise ValueError(f"{plan.shards.url}: no records for split {plan.split!r}")
     records = KeypointRecords.concat(parts)
-    check_coverage(plan, np.unique(records.pair_key.astype(str)), list(plan.shard_counts))
+    check_coverage(plan, seen, list(plan.shard_counts))
     return records.take(canonical_order(records.pair_key, plan.position))
 
 
@@ -209,5 +210,10 @@ def _check_resources(resources: Mapping[str, float], cpus: float, gpus: float) -
             )
 
 
-def _pair_count(records: KeypointRecords) -> int:
-    return len(np.unique(records.pair_key.astype(str)))
+def _pair_keys(records: KeypointRecords) -> list[str]:
+    """The key of each pair in one batch's ``records``, once per pair: a pair's records are
+    contiguous, so a pair read twice (from two shards) is counted twice."""
+    keys = records.pair_key.astype(str)
+    if not len(keys):
+        return []
+    return keys[np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])].tolist()

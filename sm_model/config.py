@@ -1,7 +1,8 @@
 """The model's typed configuration (everything that decides SimpleMatch's architecture and
 localization, with the official settings as defaults: DINOv2 ViT-B/14 at 252, LoRA, window 45),
 and the typed reading of configs that checkpoints and ``sm_train``'s YAML files share: a dataclass
-from a plain mapping, every key and value checked against the field types.
+from a plain mapping, every key and value checked against the field types, and every number against
+its range (:func:`require`, called by each config's ``__post_init__``).
 
 Nothing here imports torch: a config loads and fails fast without the model stack."""
 
@@ -9,14 +10,44 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, NamedTuple, Union, get_args, get_origin, get_type_hints
 
 FinetuneMode = Literal["frozen", "lora", "last_blocks", "full"]
 KeypointSampling = Literal["bilinear", "nearest"]
 PositionResampling = Literal["official", "timm"]
+
+
+class Bound(NamedTuple):
+    """A range for :func:`require`: ``words`` say it in the error, ``holds`` tests a value."""
+
+    words: str
+    holds: Callable[[Any], bool]
+
+
+AT_LEAST_ONE = Bound("at least 1", lambda value: value >= 1)
+AT_LEAST_ZERO = Bound("at least 0", lambda value: value >= 0)
+POSITIVE = Bound("a finite number above 0", lambda value: math.isfinite(value) and value > 0)
+NON_NEGATIVE = Bound("a finite number, at least 0", lambda value: math.isfinite(value) and value >= 0)
+
+
+class OutOfRange(ValueError):
+    """A field's value outside its range; the message starts with the field's name, which
+    :func:`from_dict` turns into the dotted key (``train.batch_size must be ...``)."""
+
+
+def require(config: Any, names: str, bound: Bound) -> None:
+    """For a config's ``__post_init__``: :class:`OutOfRange` naming the first field of ``names``
+    (space-separated) whose value is out of ``bound``, and the value. ``None`` (an option left
+    unset) passes; a tuple's items are checked one by one."""
+    for name in names.split():
+        value = getattr(config, name)
+        for item in value if isinstance(value, tuple) else (value,):
+            if item is not None and not bound.holds(item):
+                raise OutOfRange(f"{name} must be {bound.words}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -53,6 +84,12 @@ class ModelConfig:
     keypoint_sampling: KeypointSampling = "bilinear"
     position_resampling: PositionResampling = "official"
 
+    def __post_init__(self) -> None:
+        require(self, "image_size lora_rank decoder_channels window_size coarse_window_sizes", AT_LEAST_ONE)
+        require(self, "lora_alpha beta", POSITIVE)
+        require(self, "scale_weights", NON_NEGATIVE)
+        require(self, "decoder_dropout", Bound("in [0, 1)", lambda value: 0 <= value < 1))
+
 
 class ConfigError(ValueError):
     """A configuration that does not fit :class:`TrainConfig`; the message names the source and key."""
@@ -84,6 +121,8 @@ def from_dict(cls: type, document: Mapping[str, Any], source: str, where: str = 
             values[name] = _coerce(value, hint, source, where + name)
     try:
         return cls(**values)
+    except OutOfRange as error:
+        raise ConfigError(f"{source}: {where}{error}") from None
     except (TypeError, ValueError) as error:  # a dataclass's own checks (__post_init__)
         raise ConfigError(f"{source}: {where.rstrip('.') or 'top level'}: {error}") from None
 

@@ -19,7 +19,18 @@ from typing import Any, Literal, get_type_hints
 
 import yaml
 
-from sm_model.config import ConfigError, ModelConfig, from_dict, to_dict
+from sm_model.config import (
+    AT_LEAST_ONE,
+    AT_LEAST_ZERO,
+    NON_NEGATIVE,
+    POSITIVE,
+    Bound,
+    ConfigError,
+    ModelConfig,
+    from_dict,
+    require,
+    to_dict,
+)
 
 SELECTION_ALPHA = 0.1
 """Validation PCK at this alpha (per image) ranks checkpoints and sweep trials."""
@@ -42,6 +53,10 @@ class DataConfig:
     loader_workers: int = 2
     shuffle_buffer: int = 256
     val_batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        require(self, "loader_workers shuffle_buffer", AT_LEAST_ZERO)
+        require(self, "val_batch_size", AT_LEAST_ONE)
 
 
 @dataclass(frozen=True)
@@ -126,6 +141,12 @@ class OptimConfig:
     lr_gamma: float = 0.95
     grad_clip_norm: float | None = None
 
+    def __post_init__(self) -> None:
+        require(self, "lr grad_clip_norm", POSITIVE)
+        require(self, "weight_decay momentum", NON_NEGATIVE)
+        require(self, "lr_step_iterations", AT_LEAST_ONE)
+        require(self, "lr_gamma", Bound("in (0, 1]", lambda value: 0 < value <= 1))
+
 
 @dataclass(frozen=True)
 class LoopConfig:
@@ -145,11 +166,21 @@ class LoopConfig:
     val_alphas: tuple[float, ...] = (0.05, 0.1, 0.15)
 
     def __post_init__(self) -> None:
+        require(self, "epochs batch_size log_every_steps max_steps_per_epoch", AT_LEAST_ONE)
+        require(self, "checkpoint_every_steps", AT_LEAST_ZERO)
+        require(self, "val_alphas", POSITIVE)
         if SELECTION_ALPHA not in self.val_alphas:
             raise ValueError(
                 f"val_alphas {list(self.val_alphas)} must hold {SELECTION_ALPHA}: "
                 f"{SELECTION_METRIC} ranks the checkpoints"
             )
+
+
+RUN_NAME = Bound(
+    "one directory name (not empty, '.' or '..', no '/' or '\\')",
+    lambda name: name not in ("", ".", "..") and not {"/", "\\", "\0"} & set(name),
+)
+"""``run.name`` is a directory of ``run.storage_path``: it must not climb out of it."""
 
 
 @dataclass(frozen=True)
@@ -170,6 +201,12 @@ class RunSettings:
     cpus_per_worker: float = 1.0
     max_failures: int = 0
     keep_checkpoints: int = 1
+
+    def __post_init__(self) -> None:
+        require(self, "name", RUN_NAME)
+        require(self, "num_workers keep_checkpoints", AT_LEAST_ONE)
+        require(self, "max_failures", AT_LEAST_ZERO)
+        require(self, "cpus_per_worker", POSITIVE)
 
 
 @dataclass(frozen=True)

@@ -215,9 +215,9 @@ def test_one_item_per_row_and_each_mat_read_once(bird_root: Path, monkeypatch: p
     reads = Counter()
     original = Location.read_bytes
 
-    def counting_read_bytes(self: Location, rel: str) -> bytes:
+    def counting_read_bytes(self: Location, rel: str, *args, **kwargs) -> bytes:
         reads[rel] += 1
-        return original(self, rel)
+        return original(self, rel, *args, **kwargs)
 
     monkeypatch.setattr(Location, "read_bytes", counting_read_bytes)
     items = read_all(bird_root, "trn")

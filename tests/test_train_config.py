@@ -1,13 +1,15 @@
-"""Training configuration: every shipped YAML loads, unknown keys and bad values are rejected with
-a message naming the file and key, overrides and YAML round trips."""
+"""Training configuration: every shipped YAML loads, unknown keys, bad values and values out of
+range are rejected with a message naming the file and key, overrides and YAML round trips."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
 from pipelines.storage import arrow_filesystem
+from sm_model.config import ModelConfig, from_dict
 from sm_model.simplematch import SimpleMatch
 from sm_train.config import ConfigError, TrainConfig, config_keys, dump_yaml, load_config, resolve_paths
 
@@ -116,3 +118,65 @@ def test_demo_config_builds_a_model() -> None:
     config = load_config(Path(__file__).resolve().parents[1] / "configs/demo.yaml")
     model = SimpleMatch(config.model)
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) > 0
+
+
+OUT_OF_RANGE = [
+    "train.batch_size=-4",
+    "train.batch_size=0",
+    "train.epochs=-1",
+    "train.log_every_steps=0",
+    "train.checkpoint_every_steps=-1",
+    "train.max_steps_per_epoch=0",
+    "optim.lr=.nan",
+    "optim.lr=0",
+    "optim.lr=-1e-3",
+    "optim.weight_decay=-0.1",
+    "optim.lr_gamma=0",
+    "optim.lr_gamma=1.5",
+    "optim.grad_clip_norm=0",
+    "optim.grad_clip_norm=.inf",
+    "model.image_size=-128",
+    "model.beta=.nan",
+    "model.decoder_dropout=1",
+    "model.coarse_window_sizes=[null, 0]",
+    "run.num_workers=-2",
+    "run.cpus_per_worker=0",
+    "run.keep_checkpoints=0",
+    "run.max_failures=-1",
+    "data.loader_workers=-1",
+    "data.val_batch_size=0",
+    "data.shuffle_buffer=-1",
+]
+
+
+@pytest.mark.parametrize("override", OUT_OF_RANGE)
+def test_out_of_range_values_are_rejected_naming_the_key(override: str) -> None:
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"with overrides {re.escape(override)}: {re.escape(key)} must be "):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize("name", ["../elsewhere", "a/b", "/abs", "..", ".", "", "a\\b"])
+def test_run_name_is_one_directory_of_the_storage_path(name: str) -> None:
+    with pytest.raises(ConfigError, match=r"run\.name must be one directory name"):
+        load_config(None, [f"run.name={name!r}"])
+    assert load_config(None, ["run.name=demo-2.1_a b"]).run.name == "demo-2.1_a b"
+
+
+def test_cli_refuses_a_bad_value_in_one_line(capsys: pytest.CaptureFixture) -> None:
+    from sm_train.__main__ import main
+
+    demo = str(Path(__file__).resolve().parents[1] / "configs/demo.yaml")
+    assert main(["--config", demo, "train.batch_size=-4", "--print-config"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.splitlines() == [
+        f"error: {demo} with overrides train.batch_size=-4: train.batch_size must be at least 1, got -4"
+    ]
+
+
+def test_model_config_checks_its_own_ranges() -> None:
+    with pytest.raises(ValueError, match=r"image_size must be at least 1, got 0"):
+        ModelConfig(image_size=0)
+    with pytest.raises(ConfigError, match=r"checkpoint x: model\.lora_alpha must be a finite number above 0, got inf"):
+        from_dict(TrainConfig, {"model": {"lora_alpha": float("inf")}}, "checkpoint x")

@@ -194,6 +194,9 @@ def build_pair_layout(
         except FileNotFoundError:
             log.warning("%s is missing; the shard stage will reject its pairs", raw_root.full(image.image_path))
             continue
+        except OSError as error:  # a directory, FIFO or device where the image should be
+            log.warning("%s cannot be read (%s); the shard stage will reject its pairs", raw_root.full(image.image_path), error)
+            continue
         _write(out_dir / IMAGE_DIR / family_species / f"{image_stem(image.image_id)}.jpg", image_bytes)
     counts = {}
     for split in SPLITS:

@@ -44,13 +44,17 @@ Keys: image ``safe_key(species, 12-digit id)``; pair ``safe_key(src id, trg id, 
 12-digit ids, i.e. the pair file's name, which is unique within a split. ``category`` (and
 ``group``) is the name's suffix: the species for ``trn``/``val``/``test``, the family for
 ``*_cross_species``, ``all`` for ``*_cross_family``. ``extras`` hold both images' species and family.
+
+Paths the files give (a pair file's ``src_json_path``/``trg_json_path``, a raw image's ``file_name``)
+must stay inside the root, else ``path-outside-root``: the pair's reject in layout 1, the image left
+out in layout 2. Species and family names must be folder names (they name layout 1's folders).
+Annotation files are read and parsed with bounded work (:mod:`pipelines.sources.files`).
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
-import json
 import re
 from collections import defaultdict
 from collections.abc import Iterator
@@ -60,9 +64,17 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.checks import EXCLUDED_IMAGE, INCONSISTENT_ANNOTATION, MALFORMED_ANNOTATION, MISSING_ANNOTATION
+from pipelines import jsonio
+from pipelines.checks import (
+    EXCLUDED_IMAGE,
+    INCONSISTENT_ANNOTATION,
+    MALFORMED_ANNOTATION,
+    MISSING_ANNOTATION,
+    PATH_OUTSIDE_ROOT,
+)
 from pipelines.schema import ImageRef, PairRecord, Reject, RejectError, safe_key
-from pipelines.storage import Location
+from pipelines.sources.files import MAX_RELEASE_BYTES, load_annotation_json, read_list_file
+from pipelines.storage import Location, PathOutsideRoot, confine
 
 DATASET = "ap10k"
 INTRA_SPLITS: tuple[str, ...] = ("trn", "val", "test")
@@ -85,7 +97,8 @@ RAW_ANNOTATION_FILES: tuple[str, ...] = tuple(
 )
 RAW_IMAGE_DIR = "data"
 
-_PAIR_NAME = re.compile(r"^(\d+)-(\d+):(.+)\.json$")
+_PAIR_NAME = re.compile(r"^([0-9]{1,20})-([0-9]{1,20}):(.+)\.json$")
+_IMAGE_ID = re.compile(r"[0-9]{1,20}")
 _IMAGE_ANNOTATION_FIELDS = ("id", "name", "supercategory", "keypoints", "bbox", "width", "height")
 
 
@@ -222,7 +235,7 @@ def parse_image_annotation(doc: Any, image_path: str, annotation_file: str) -> A
         if not _is_int(doc[name]):
             raise RejectError(MALFORMED_ANNOTATION, f"{name} is {doc[name]!r}, not an integer")
     for name in ("name", "supercategory"):
-        if not isinstance(doc[name], str) or not doc[name]:
+        if not isinstance(doc[name], str) or not _is_folder_name(doc[name]):
             raise RejectError(MALFORMED_ANNOTATION, f"{name} is {doc[name]!r}, not a name")
     return AnimalImage(
         image_id=doc["id"],
@@ -269,15 +282,12 @@ def _parse_bbox(values: Any) -> np.ndarray:
 
 
 def _load_json(root: Location, rel: str) -> Any:
-    """The parsed JSON document at ``rel``; :class:`RejectError` when missing or unparsable."""
+    """The parsed JSON document at ``rel``; :class:`RejectError` when missing, unreadable or
+    unparsable (:func:`pipelines.sources.files.load_annotation_json`)."""
     try:
-        text = root.read_text(rel)
+        return load_annotation_json(root, rel)
     except FileNotFoundError:
         raise RejectError(MISSING_ANNOTATION, f"{root.full(rel)} does not exist") from None
-    try:
-        return json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise RejectError(MALFORMED_ANNOTATION, f"not valid JSON: {error}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,10 +343,26 @@ def reroot_annotation_path(doc: Any, field_name: str) -> str:
         raise RejectError(MALFORMED_ANNOTATION, detail)
     start = len(parts) - 1 - parts[::-1].index(IMAGE_ANNOTATION_DIR)
     rerooted = parts[start:]
-    if len(rerooted) != 4 or not rerooted[3].endswith(".json"):
+    _inside_root("/".join(rerooted), f"{field_name} {doc[field_name]!r}")
+    if len(rerooted) != 4 or not rerooted[3].endswith(".json") or not all(map(_is_folder_name, rerooted)):
         detail = f"{field_name} {doc[field_name]!r} is not .../{IMAGE_ANNOTATION_DIR}/<family>/<species>/<id>.json"
         raise RejectError(MALFORMED_ANNOTATION, detail)
     return "/".join(rerooted)
+
+
+def _inside_root(path: str, what: str) -> str:
+    """``path`` when it stays inside the dataset root, else :class:`RejectError`
+    (``path-outside-root``) naming ``what``: the dataset gave it, so it must not be trusted."""
+    try:
+        confine(path, "the dataset root")
+    except PathOutsideRoot as error:
+        raise RejectError(PATH_OUTSIDE_ROOT, f"{what}: {error}") from None
+    return path
+
+
+def _is_folder_name(name: str) -> bool:
+    """Whether ``name`` can be one path component (species and families name folders)."""
+    return name not in ("", ".", "..") and "/" not in name and "\0" not in name
 
 
 def _load_layout_image(root: Location, annotation_path: str) -> AnimalImage | RejectError:
@@ -352,7 +378,7 @@ def _load_layout_image(root: Location, annotation_path: str) -> AnimalImage | Re
                 INCONSISTENT_ANNOTATION,
                 f"supercategory/name {image.family!r}/{image.species!r} differ from the folder {family}/{species}",
             )
-        if not stem.isdigit() or int(stem) != image.image_id:
+        if not _IMAGE_ID.fullmatch(stem) or int(stem) != image.image_id:
             detail = f"id {image.image_id} differs from the file name {file_name}"
             raise RejectError(INCONSISTENT_ANNOTATION, detail)
     except RejectError as error:
@@ -435,9 +461,9 @@ def _load_coco_file(root: Location, rel: str) -> dict[str, list[dict[str, Any]]]
     if not root.exists(rel):
         raise FileNotFoundError(f"{root.full(rel)}: AP-10K annotation file missing")
     try:
-        coco = json.loads(root.read_text(rel))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{root.full(rel)}: not valid JSON: {error}") from None
+        coco = jsonio.loads(read_list_file(root, rel), max_bytes=MAX_RELEASE_BYTES)
+    except jsonio.JSONError as error:
+        raise ValueError(f"{root.full(rel)}: {error}") from None
     for section, id_field in (("images", "id"), ("annotations", "image_id"), ("categories", "id")):
         entries = coco.get(section) if isinstance(coco, dict) else None
         if not isinstance(entries, list) or not all(isinstance(e, dict) and _is_int(e.get(id_field)) for e in entries):
@@ -466,14 +492,16 @@ def _single_animal(
         detail = f"{len(ids)} animals annotated {ids}; a pair needs exactly one animal per image"
         raise RejectError(EXCLUDED_IMAGE, detail)
     annotation = image_annotations[0]
-    category = categories.get(annotation.get("category_id"))
+    category_id = annotation.get("category_id")
+    category = categories.get(category_id) if _is_int(category_id) else None
     if category is None:
         detail = f"category_id {annotation.get('category_id')!r} is not in 'categories'"
         raise RejectError(INCONSISTENT_ANNOTATION, detail)
     if not isinstance(image.get("file_name"), str):
         raise RejectError(MALFORMED_ANNOTATION, f"file_name is {image.get('file_name')!r}")
+    image_path = _inside_root(f"{RAW_IMAGE_DIR}/{image['file_name']}", f"file_name {image['file_name']!r}")
     document = {**annotation, **image, "name": category.get("name"), "supercategory": category.get("supercategory")}
-    parsed = parse_image_annotation(document, f"{RAW_IMAGE_DIR}/{image['file_name']}", file)
+    parsed = parse_image_annotation(document, image_path, file)
     labelled = int(parsed.labelled.sum())
     if labelled < min_keypoints:
         raise RejectError(EXCLUDED_IMAGE, f"{labelled} labelled keypoints (v > 0), fewer than {min_keypoints}")

@@ -39,18 +39,21 @@ shard stage rejects them as duplicates. ``origin`` is ``<csv>:<line>`` with the 
 Per CSV row, the reader rejects (one item per non-blank row; a CSV lacking ``source_image``,
 ``target_image``, ``class`` or holding only some of ``XA..YB`` is a usage error, :class:`ValueError`):
 
-- ``malformed-annotation``: the row's field count differs from the header's, an image path is
+- ``malformed-annotation``: the row is not UTF-8 or not parsable CSV (e.g. a field over the
+  :mod:`csv` size limit), its field count differs from the header's, an image path is
   empty, ``class`` is not an integer in 1..20, ``flip`` is not 0 or 1, an inline list holds a
-  non-number; or a ``.mat`` is not a readable MAT file or lacks an N x 2 ``kps`` or a 4-value ``bbox``;
+  non-number; or a ``.mat`` is not a readable MAT file or lacks an N x 2 ``kps`` or a 4-value ``bbox``
+  of at most :data:`MAX_MAT_ELEMENTS` values (checked from the variable headers, before loading);
 - ``missing-annotation``: ``Annotations/<class>/<stem>.mat`` does not exist for either image;
+- ``unreadable-annotation``: that path is a directory, FIFO or other non-file, or too large;
 - ``keypoint-count-mismatch``: ``XA, YA, XB, YB`` differ in length, or the two ``.mat`` files'
   ``kps`` differ in row count.
 """
 
 from __future__ import annotations
 
-import csv
 import io
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -59,6 +62,7 @@ import scipy.io
 
 from pipelines.checks import KEYPOINT_COUNT_MISMATCH, MALFORMED_ANNOTATION, MISSING_ANNOTATION
 from pipelines.schema import ExtraValue, ImageRef, PairRecord, Reject, RejectError, safe_key
+from pipelines.sources.files import CsvRow, csv_rows, read_annotation, read_list_file
 from pipelines.storage import Location
 
 DATASET = "pfpascal"
@@ -84,6 +88,8 @@ FLIP_COLUMN = "flip"
 KEYPOINT_COLUMNS = ("XA", "YA", "XB", "YB")
 MATLAB_ORIGIN = 1.0
 """Subtracted from every coordinate: MATLAB centres its first pixel at 1.0, the schema at 0.0."""
+MAX_MAT_ELEMENTS = 10_000
+"""Bound on the values of ``kps`` and of ``bbox`` in one ``.mat`` (a class has at most a few dozen keypoints)."""
 
 
 @dataclass(frozen=True)
@@ -144,14 +150,19 @@ def read_mat_annotation(root: Location, rel_path: str) -> MatAnnotation:
     """Parse the ``.mat`` file ``rel_path``; raises :class:`RejectError` when it is missing, not a
     readable MAT file, or lacks a numeric ``kps`` (N x 2) or ``bbox`` (4 values)."""
     try:
-        data = root.read_bytes(rel_path)
+        data = read_annotation(root, rel_path)
     except FileNotFoundError:
         raise RejectError(MISSING_ANNOTATION, f"{rel_path} does not exist", rel_path) from None
     try:
-        mat = scipy.io.loadmat(io.BytesIO(data))
+        # The variable headers first: a compressed variable can inflate far beyond the file's size.
+        shapes = {name: shape for name, shape, _ in scipy.io.whosmat(io.BytesIO(data)) if name in ("kps", "bbox")}
+        oversized = {name: shape for name, shape in shapes.items() if math.prod(shape) > MAX_MAT_ELEMENTS}
+        mat = {} if oversized else scipy.io.loadmat(io.BytesIO(data), variable_names=list(shapes))
     # scipy signals a corrupt file with MatReadError, ValueError, IndexError, OSError, NotImplementedError ...
     except Exception as error:  # noqa: BLE001
         raise RejectError(MALFORMED_ANNOTATION, f"{rel_path} is not a readable MAT file: {error}", rel_path) from None
+    if oversized:
+        raise RejectError(MALFORMED_ANNOTATION, f"{rel_path}: variables {oversized} hold more than {MAX_MAT_ELEMENTS} values", rel_path)
     kps, bbox = mat.get("kps"), mat.get("bbox")
     if not _is_numeric(kps) or kps.ndim != 2 or kps.shape[1] != 2:
         raise RejectError(MALFORMED_ANNOTATION, f"{rel_path}: 'kps' is {_describe(kps)}, expected an N x 2 number array", rel_path)
@@ -167,11 +178,11 @@ def read_pairs(root: Location, split: str) -> Iterator[PairRecord | Reject]:
     header, rows = _read_csv(root, csv_name)
     _check_header(header, csv_name)
     annotations = _AnnotationCache(root)
-    for line, fields in rows:
-        origin = f"{csv_name}:{line}"
+    for csv_row in rows:
+        origin = f"{csv_name}:{csv_row.line}"
         item = origin
         try:
-            row = _parse_row(header, fields, csv_name, origin)
+            row = _parse_row(header, csv_row, csv_name, origin)
             item = row.key
             yield _pair(row, split, csv_name, origin, annotations)
         except RejectError as problem:
@@ -198,12 +209,9 @@ class _AnnotationCache:
         return parsed
 
 
-def _read_csv(root: Location, csv_name: str) -> tuple[list[str], Iterator[tuple[int, list[str]]]]:
-    """The header and the ``(line number, fields)`` of each non-blank row after it."""
-    reader = csv.reader(io.StringIO(root.read_bytes(csv_name).decode("utf-8-sig")))
-    header = [name.strip() for name in next(reader, [])]
-    rows = ((reader.line_num, fields) for fields in reader if fields)
-    return header, rows
+def _read_csv(root: Location, csv_name: str) -> tuple[list[str], Iterator[CsvRow]]:
+    """The header and each non-blank row after it (:func:`pipelines.sources.files.csv_rows`)."""
+    return csv_rows(read_list_file(root, csv_name), csv_name)
 
 
 def _check_header(header: list[str], csv_name: str) -> None:
@@ -215,7 +223,10 @@ def _check_header(header: list[str], csv_name: str) -> None:
         raise ValueError(f"{csv_name}: header has keypoint columns {present} but not all of {list(KEYPOINT_COLUMNS)}")
 
 
-def _parse_row(header: list[str], fields: list[str], csv_name: str, origin: str) -> _Row:
+def _parse_row(header: list[str], csv_row: CsvRow, csv_name: str, origin: str) -> _Row:
+    if csv_row.problem:
+        raise RejectError(MALFORMED_ANNOTATION, f"{origin}: {csv_row.problem}", csv_name)
+    fields = csv_row.fields
     if len(fields) != len(header):
         raise RejectError(MALFORMED_ANNOTATION, f"{origin} has {len(fields)} fields, the header {len(header)}", csv_name)
     values = dict(zip(header, fields))

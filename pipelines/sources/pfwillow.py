@@ -28,24 +28,25 @@ Keys: image ``safe_key(subclass, stem)`` (the same file name recurs in different
 Per CSV row, the reader rejects (one item per non-blank row; a CSV lacking any of the 42 columns is
 a usage error, :class:`ValueError`):
 
-- ``malformed-annotation``: the row's field count differs from the header's, a coordinate is not a
-  number, or an image path is not ``.../<subclass>/<name>`` with one of the 10 subclasses;
+- ``malformed-annotation``: the row is not UTF-8 or not parsable CSV (e.g. a field over the
+  :mod:`csv` size limit), its field count differs from the header's, a coordinate is not a number,
+  or an image path is not ``.../<subclass>/<name>`` with one of the 10 subclasses;
+- ``path-outside-root``: an image path is absolute or climbs out of the root with ``..``;
 - ``inconsistent-annotation``: the two images lie in different subclasses (pairs never cross them).
 """
 
 from __future__ import annotations
 
-import csv
 import functools
-import io
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
-from pipelines.checks import INCONSISTENT_ANNOTATION, MALFORMED_ANNOTATION
+from pipelines.checks import INCONSISTENT_ANNOTATION, MALFORMED_ANNOTATION, PATH_OUTSIDE_ROOT
 from pipelines.schema import ImageRef, PairRecord, Reject, RejectError, safe_key
-from pipelines.storage import Location
+from pipelines.sources.files import csv_rows, read_list_file
+from pipelines.storage import Location, PathOutsideRoot, confine
 
 DATASET = "pfwillow"
 SPLITS: tuple[str, ...] = ("test",)
@@ -115,20 +116,19 @@ def read_pairs(root: Location, split: str) -> Iterator[PairRecord | Reject]:
     if split not in SPLITS:
         raise ValueError(f"PF-WILLOW has no split {split!r}; choose one of {', '.join(SPLITS)}")
     csv_name = find_pairs_csv(root)
-    reader = csv.reader(io.StringIO(root.read_bytes(csv_name).decode("utf-8-sig")))
-    header = [name.strip() for name in next(reader, [])]
+    header, rows = csv_rows(read_list_file(root, csv_name), csv_name)
     missing = [name for name in REQUIRED_COLUMNS if name not in header]
     if missing:
         raise ValueError(f"{csv_name}: header lacks {missing}; not a PF-WILLOW pair list")
     # Each of the 100 images recurs in 18 pairs; look each path up once.
     resolve = functools.cache(functools.partial(resolve_image_path, root))
-    for fields in reader:
-        if not fields:
-            continue
-        origin = f"{csv_name}:{reader.line_num}"
+    for row in rows:
+        origin = f"{csv_name}:{row.line}"
         item = origin
         try:
-            values = _row_values(header, fields)
+            if row.problem:
+                raise RejectError(MALFORMED_ANNOTATION, row.problem)
+            values = _row_values(header, row.fields)
             src, trg = _listed_images(values)
             item = safe_key(src.subclass, src.stem, trg.stem)
             yield _pair(item, values, src, trg, split, origin, resolve)
@@ -180,11 +180,15 @@ def _pair(
 
 def _listed_image(path: str) -> ListedImage:
     parts = path.strip().replace("\\", "/").split("/")
-    if len(parts) < 2 or not parts[-1]:
+    if len(parts) < 2 or parts[-1] in ("", ".", ".."):
         raise RejectError(MALFORMED_ANNOTATION, f"image path {path!r} is not [<folder>/]<subclass>/<name>")
     if parts[-2] not in SUBCLASSES:
         raise RejectError(MALFORMED_ANNOTATION, f"{path!r}: {parts[-2]!r} is not a PF-WILLOW subclass ({', '.join(SUBCLASSES)})")
-    return ListedImage("/".join(parts), subclass=parts[-2], name=parts[-1])
+    try:
+        listed = confine("/".join(parts), "the dataset root")
+    except PathOutsideRoot as error:
+        raise RejectError(PATH_OUTSIDE_ROOT, f"image path {error}") from None
+    return ListedImage(listed, subclass=parts[-2], name=parts[-1])
 
 
 def _keypoints(values: dict[str, str], side: str) -> np.ndarray:

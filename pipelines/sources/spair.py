@@ -10,7 +10,8 @@ Layout read (see ``datasets.md`` section 1)::
 Every non-blank Layout line is a pair, the last one included when the file lacks a trailing
 newline (the HPF/CATs/DHPF/CHM loaders drop the last element of ``split("\\n")`` and so lose a
 pair on such a file). A missing Layout file is a usage error (:class:`FileNotFoundError`), not a
-reject.
+reject; so is one that cannot be read at all (:class:`ValueError`), while a line that is not UTF-8
+is that line's reject.
 
 Coordinates
 -----------
@@ -25,19 +26,23 @@ allows for it. ``src_imsize``/``trg_imsize`` are ``[W, H, C]``; ``[:2]`` is the 
 Per pair, the reader rejects (one item per Layout line):
 
 - ``missing-annotation``: the PairAnnotation JSON does not exist;
-- ``malformed-annotation``: the JSON does not parse, a field is missing or of the wrong type, or
-  the Layout line is not ``<id>-<src stem>-<trg stem>:<category>``;
+- ``unreadable-annotation``: it is a directory, FIFO or other non-file, or too large
+  (:func:`pipelines.sources.files.read_annotation`);
+- ``malformed-annotation``: the JSON does not parse within the bounds of :mod:`pipelines.jsonio`
+  (depth, number length, finite numbers, unique keys, UTF-8), a field is missing or of the wrong
+  type, or the Layout line is not UTF-8 or not ``<id>-<src stem>-<trg stem>:<category>``;
 - ``inconsistent-annotation``: ``category`` differs from the name's ``:<category>``, an image
   name's stem differs from the stem in the pair name, or ``kps_ids`` are not integers (strings of
   integers are accepted) in ``[0, 29]`` or not unique;
 - ``keypoint-count-mismatch``: ``src_kps``, ``trg_kps`` and ``kps_ids`` differ in length.
 
-A ``null`` keypoint or coordinate becomes NaN and is left for the shard stage to reject.
+A ``null`` keypoint or coordinate becomes NaN and is left for the shard stage to reject, as are
+difficulty flags outside their ranges and other extras the index cannot hold
+(:data:`pipelines.schema.EXTRA_FIELDS`).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Iterator
@@ -51,7 +56,8 @@ from pipelines.checks import (
     MALFORMED_ANNOTATION,
     MISSING_ANNOTATION,
 )
-from pipelines.schema import ExtraValue, ImageRef, PairRecord, Reject, RejectError, safe_key
+from pipelines.schema import ExtraValue, ImageRef, PairRecord, Reject, RejectError, is_utf8, safe_key
+from pipelines.sources.files import parse_json, read_annotation, read_list_file
 from pipelines.storage import Location
 
 SPLITS = ("trn", "val", "test")
@@ -95,33 +101,33 @@ def layout_names(root: Location, split: str) -> list[tuple[int, str]]:
     """``(line number, pair name)`` of every non-blank line of the split's Layout list."""
     path = layout_path(split)
     try:
-        text = root.read_text(path)
+        data = read_list_file(root, path)
     except FileNotFoundError as error:
         raise FileNotFoundError(f"{root.full(path)}: no SPair-71k Layout list for split {split!r}") from error
+    # Undecodable bytes survive as surrogates, so that only their line is rejected (_read_pair).
+    text = data.decode("utf-8", errors="surrogateescape")
     return [(number, line.strip()) for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
 
 
 def _read_pair(root: Location, split: str, name: str, line: int, dataset: str) -> PairRecord | Reject:
     origin = annotation_path(split, name)
+    if not is_utf8(name):
+        detail = f"line {line} {name!r} is not UTF-8 text"
+        return Reject(item=safe_key(name), file=layout_path(split), reason=MALFORMED_ANNOTATION, detail=detail)
     match = _PAIR_NAME.fullmatch(name)
     if match is None:
         detail = f"line {line} {name!r} is not <id>-<source stem>-<target stem>:<category>"
         return Reject(item=safe_key(name), file=layout_path(split), reason=MALFORMED_ANNOTATION, detail=detail)
     try:
-        raw = root.read_bytes(origin)
+        return _parse_pair(read_annotation(root, origin), name, match, split, dataset, origin)
     except FileNotFoundError:
         return Reject(item=safe_key(name), file=origin, reason=MISSING_ANNOTATION, detail=f"{origin} does not exist (Layout line {line})")
-    try:
-        return _parse_pair(raw, name, match, split, dataset, origin)
     except RejectError as rejected:
         return rejected.to_reject(safe_key(name), origin)
 
 
 def _parse_pair(raw: bytes, name: str, match: re.Match[str], split: str, dataset: str, origin: str) -> PairRecord:
-    try:
-        doc = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise RejectError(MALFORMED_ANNOTATION, f"not valid JSON: {error}") from error
+    doc = parse_json(raw)
     if not isinstance(doc, dict):
         raise RejectError(MALFORMED_ANNOTATION, f"top level is a {type(doc).__name__}, not an object")
 

@@ -42,6 +42,7 @@ bench: venv
 	$(PY) benchmarks/bench_model.py
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_eval.py
+	$(PY) benchmarks/bench_feed.py
 
 clean-demo:
 	rm -rf $(DEMO_DATA) $(DEMO_SHARDS)

@@ -64,11 +64,13 @@ def plain_rate(config: TrainConfig, steps: int) -> float:
         plan.ranks[0],
         image_size=config.model.image_size,
         batch_size=config.train.batch_size,
+        image_resize=config.model.image_resize,
         loader_workers=config.data.loader_workers,
         shuffle_buffer=config.data.shuffle_buffer,
         seed=config.train.seed,
         split_nodes=False,
         max_batches=min(steps, plan.steps),
+        device=device,
     ):
         loss = train_step(model, model, augment, optimizer, batch.to(device, non_blocking=True), config, autocast_dtype)
         scheduler.step()

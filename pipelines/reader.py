@@ -10,12 +10,16 @@ nodes (``RANK``/``WORLD_SIZE``, which Ray Train sets) and DataLoader workers, ea
 whole (its bytes are bounded by ``--max-shard-bytes``), and each of its images is decoded once,
 when its first pair needs it, and released after its last pair. Evaluation streams in the fixed
 order of the index; training shuffles shards per epoch and pairs within a bounded buffer.
+:func:`entry_order` and :func:`read_entry` give the same stream to a caller that spreads the
+shards (or runs of their pairs) over its own processes (:mod:`sm_model.batches`).
 
 A shard is untrusted input, checked as the sharder checked the raw data (one validation, two
-sides): it must be a plain tar ending in its end-of-archive marker; every pair document must be
-shaped as :func:`~pipelines.schema.pair_to_json` writes it, agree with its ``index.parquet`` row
-and pass :func:`pipelines.checks.check_pair` and :func:`~pipelines.checks.check_against_images`;
-a pair key appears once per shard; documents are parsed within :data:`MAX_DOCUMENT_BYTES` and
+sides): it must be a plain tar ending in its end-of-archive marker; every pair it holds must be
+listed for it in ``index.parquet``; every pair a read takes (all of them, or the run a
+:class:`ShardSlice` names) must be a document shaped as :func:`~pipelines.schema.pair_to_json`
+writes it, agree with its ``index.parquet`` row and pass :func:`pipelines.checks.check_pair` and
+:func:`~pipelines.checks.check_against_images` before any of its images is decoded (a pair outside
+the run is parsed and checked by the read that takes it); a pair key appears once per shard; documents are parsed within :data:`MAX_DOCUMENT_BYTES` and
 the bounds of :func:`pipelines.jsonio.loads`, images within those of :mod:`pipelines.imageio` (a
 decompression bomb is refused before decoding). Anything else raises :class:`CorruptShardError`
 naming the shard and the member: a reader never drops, repairs or re-scores a pair silently.
@@ -27,7 +31,7 @@ import io
 import json
 import random
 import tarfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -143,14 +147,9 @@ def pair_dataset(
     with ``.with_epoch(n)``). Every pair is checked against the shard set's ``index.parquet`` and
     the sharder's checks (see the module docstring)."""
     entries = list(names)
-    shard_names = [entry.name if isinstance(entry, ShardSlice) else entry for entry in entries]
-    urls = [shards.full(name) for name in shard_names]
-    if not urls:
-        raise ValueError(f"{shards.url}: no shards to read")
-    if len(set(urls)) != len(urls):
-        raise ValueError(f"{shards.url}: a shard is listed more than once in {entries}")
+    urls = entry_urls(shards, entries)
     ranges = {url: (entry.start, entry.stop) for url, entry in zip(urls, entries) if isinstance(entry, ShardSlice)}
-    index = index_rows(shards, dict(zip(shard_names, urls)))
+    index = index_rows(shards, dict(zip(map(entry_name, entries), urls)))
     if resampled:
         stages: list[Any] = [wds.ResampledShards(urls, seed=seed + epoch)]
     else:
@@ -168,6 +167,60 @@ def pair_dataset(
     if shuffle_buffer:
         stages.append(partial(shuffle_pairs, buffer_size=shuffle_buffer, seed=seed + epoch))
     return wds.DataPipeline(*stages)
+
+
+def entry_name(entry: str | ShardSlice) -> str:
+    """The shard name of a :func:`pair_dataset` entry."""
+    return entry.name if isinstance(entry, ShardSlice) else entry
+
+
+def entry_urls(shards: Location, entries: list[str | ShardSlice]) -> list[str]:
+    """The URL of each entry; ``ValueError`` when there is none or a shard is listed twice."""
+    urls = [shards.full(entry_name(entry)) for entry in entries]
+    if not urls:
+        raise ValueError(f"{shards.url}: no shards to read")
+    if len(set(urls)) != len(urls):
+        raise ValueError(f"{shards.url}: a shard is listed more than once in {entries}")
+    return urls
+
+
+def entry_order(
+    shards: Location,
+    names: Iterable[str | ShardSlice],
+    *,
+    shuffle: bool = False,
+    seed: int = 0,
+    epoch: int = 0,
+    split_nodes: bool = True,
+) -> list[str | ShardSlice]:
+    """The entries of ``names`` that this rank reads, in the order :func:`pair_dataset` reads
+    them in one process (``shuffle`` as a ``shuffle_buffer`` above 0 does: shard order shuffled
+    with ``seed + epoch``; ``split_nodes`` as there). With :func:`read_entry` on each and
+    :func:`shuffle_pairs` over the result, a caller reproduces :func:`pair_dataset`'s stream
+    pair for pair, however it spreads the entries over processes."""
+    entries = list(names)
+    by_url = dict(zip(entry_urls(shards, entries), entries))
+    sources: Iterable[dict] = wds.SimpleShardList(list(by_url), seed=seed + epoch if shuffle else None)
+    if split_nodes:
+        sources = wds.split_by_node(iter(sources))
+    return [by_url[source["url"]] for source in sources]
+
+
+def read_entry(
+    shards: Location,
+    entry: str | ShardSlice,
+    index: Mapping[str, Mapping[str, Mapping[str, Any]]],
+    image_map: Callable[[np.ndarray], Any] | None = None,
+) -> Iterator[PairSample]:
+    """The pairs of one :func:`pair_dataset` entry (a whole shard, or a :class:`ShardSlice` of
+    one), in shard order, read in this process and checked exactly as :func:`pair_dataset` checks
+    them; ``index`` is :func:`index_rows` of at least that shard. ``image_map`` is applied to each
+    image once, when it is decoded (a resize, say), and the pairs carry what it returns instead
+    of the ``(H, W, 3)`` array."""
+    url = shards.full(entry_name(entry))
+    ranges = {url: (entry.start, entry.stop)} if isinstance(entry, ShardSlice) else None
+    files = shard_files(open_shards([{"url": url}], shards.endpoint_url))
+    yield from assemble_pairs(group_members(files), ranges, index, image_map)
 
 
 def open_shards(sources: Iterable[dict], endpoint_url: str | None = None) -> Iterator[dict]:
@@ -274,25 +327,29 @@ def assemble_pairs(
     samples: Iterable[dict],
     ranges: dict[str, tuple[int, int]] | None = None,
     index: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None,
+    image_map: Callable[[np.ndarray], Any] | None = None,
 ) -> Iterator[PairSample]:
     """Grouped tar samples -> complete pairs, one shard at a time. Each image is decoded once,
-    when first needed, and dropped from the cache after the last pair that uses it. ``ranges``
-    keeps only pairs ``[start, stop)`` of the shards it names (by URL). With ``index``
-    (:func:`index_rows`) every pair document of a shard must agree with its row; every pair taken
-    must pass the sharder's checks. A shard failing a check raises :class:`CorruptShardError`."""
+    when first needed (then passed through ``image_map``, if given), and dropped from the cache
+    after the last pair that uses it. ``ranges`` keeps only pairs ``[start, stop)`` of the shards
+    it names (by URL). With ``index`` (:func:`index_rows`) every pair of a shard must be listed in
+    its rows and every pair taken must agree with its row; every pair taken must be a document as
+    :func:`~pipelines.schema.pair_to_json` writes it and pass the sharder's checks (a pair outside
+    the range is parsed and checked by the read that takes it). A shard failing a check raises
+    :class:`CorruptShardError`."""
     ranges = ranges or {}
     shard: _ShardContents | None = None
     for sample in samples:
         if shard is None or sample["__url__"] != shard.url:
             if shard is not None:
-                yield from shard.pairs(ranges.get(shard.url), index)
+                yield from shard.pairs(ranges.get(shard.url), index, image_map)
             shard = _ShardContents(sample["__url__"])
         shard.add(sample)
     if shard is not None:
-        yield from shard.pairs(ranges.get(shard.url), index)
+        yield from shard.pairs(ranges.get(shard.url), index, image_map)
 
 
-def _slice_pairs(url: str, pairs: list[dict], start: int, stop: int) -> list[dict]:
+def _slice_pairs(url: str, pairs: list, start: int, stop: int) -> list:
     if not 0 <= start <= stop <= len(pairs):
         raise ValueError(f"shard {url} has {len(pairs)} pairs; cannot take pairs [{start}, {stop})")
     return pairs[start:stop]
@@ -300,25 +357,21 @@ def _slice_pairs(url: str, pairs: list[dict], start: int, stop: int) -> list[dic
 
 class _ShardContents:
     """The members of one shard: images (encoded bytes and member name; info) by key, and the
-    pair documents in shard order."""
+    pair documents (their bytes, parsed when the pair is taken) in shard order."""
 
     def __init__(self, url: str) -> None:
         self.url = url
         self.images: dict[str, tuple[bytes, str]] = {}
         self.infos: dict[str, ImageInfo] = {}
-        self.docs: dict[str, dict[str, Any]] = {}
+        self.docs: dict[str, bytes] = {}
 
     def add(self, sample: dict) -> None:
         key = sample["__key__"]
         entries = sorted(name for name in sample if not name.startswith("__"))
         if entries == ["pair.json"]:
-            member = f"{key}.pair.json"
             if key in self.docs:
-                raise _corrupt(self.url, "the shard holds this pair twice", member)
-            doc = _document(self.url, member, sample["pair.json"])
-            if doc.get("key") != key:
-                raise _corrupt(self.url, f"the document's key is {doc.get('key')!r}", member)
-            self.docs[key] = doc
+                raise _corrupt(self.url, "the shard holds this pair twice", f"{key}.pair.json")
+            self.docs[key] = sample["pair.json"]
             return
         ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
         if ext is None or entries != sorted([ext, "json"]):
@@ -336,35 +389,59 @@ class _ShardContents:
         self.infos[key] = info
 
     def pairs(
-        self, span: tuple[int, int] | None, index: Mapping[str, Mapping[str, Mapping[str, Any]]] | None
+        self,
+        span: tuple[int, int] | None,
+        index: Mapping[str, Mapping[str, Mapping[str, Any]]] | None,
+        image_map: Callable[[np.ndarray], Any] | None = None,
     ) -> Iterator[PairSample]:
-        if index is not None:
-            rows = index.get(self.url, {})
-            for key, doc in self.docs.items():
-                _check_index_row(self.url, doc, rows.get(key))
-        docs = list(self.docs.values())
+        keys = list(self.docs)
+        rows = index.get(self.url, {}) if index is not None else None
+        if rows is not None:
+            for key in keys:  # the member names alone: nothing is parsed for a pair not taken
+                if key not in rows:
+                    raise _corrupt(self.url, "index.parquet does not list this pair in this shard", f"{key}.pair.json")
         if span is not None:
-            docs = _slice_pairs(self.url, docs, *span)
-        for doc in docs:  # every pair taken is checked before any image is decoded
-            self._check(doc)
-        last_use = {}
-        for position, doc in enumerate(docs):
-            for side in ("src", "trg"):
-                last_use[doc[side]["image"]] = position
-        decoded: dict[str, np.ndarray] = {}
-        for position, doc in enumerate(docs):
+            keys = _slice_pairs(self.url, keys, *span)
+        named = rows is not None and all("src_image" in rows[key] and "trg_image" in rows[key] for key in keys)
+        # A pair is checked before any of its images is decoded. When the index names each pair's
+        # images, when each image is last used is known without parsing, and each pair is checked
+        # just before its images are decoded (its document must then name the same images);
+        # otherwise every pair taken is checked first.
+        docs = None if named else [self._checked(key, rows) for key in keys]
+        if docs is None:
+            uses = [(rows[key]["src_image"], rows[key]["trg_image"]) for key in keys]
+        else:
+            uses = [(doc["src"]["image"], doc["trg"]["image"]) for doc in docs]
+        last_use = {image: position for position, images in enumerate(uses) for image in images}
+        decoded: dict[str, Any] = {}
+        for position, key in enumerate(keys):
+            doc = self._checked(key, rows) if docs is None else docs[position]
             arrays = []
-            for side in ("src", "trg"):
-                key = doc[side]["image"]
-                if key not in decoded:
-                    decoded[key] = self._decode(key)
-                arrays.append(decoded[key])
+            for image in uses[position]:
+                if image not in decoded:
+                    decoded[image] = self._decode(image) if image_map is None else image_map(self._decode(image))
+                arrays.append(decoded[image])
             yield sample_from_json(doc, arrays[0], arrays[1])
-            for side in ("src", "trg"):
-                key = doc[side]["image"]
-                if last_use.get(key) == position:
-                    del decoded[key]
-                    del last_use[key]
+            for image in uses[position]:
+                if last_use.get(image) == position:
+                    del decoded[image]
+                    del last_use[image]
+
+    def _checked(self, key: str, rows: Mapping[str, Mapping[str, Any]] | None) -> dict[str, Any]:
+        """The document of pair ``key``, parsed and checked against its index row (if ``rows``)
+        and by the sharder's checks."""
+        doc = self._parse(key)
+        if rows is not None:
+            _check_index_row(self.url, doc, rows.get(key))
+        self._check(doc)
+        return doc
+
+    def _parse(self, key: str) -> dict[str, Any]:
+        member = f"{key}.pair.json"
+        doc = _document(self.url, member, self.docs[key])
+        if doc.get("key") != key:
+            raise _corrupt(self.url, f"the document's key is {doc.get('key')!r}", member)
+        return doc
 
     def _check(self, doc: dict[str, Any]) -> None:
         """The sharder's checks on the pair ``doc`` describes, against its images' stored sizes

@@ -2,7 +2,12 @@
 
     python -m sm_eval --checkpoint runs/spair/checkpoint_000010 --shards s3://bucket/spair-shards \\
         --split test --workers 4 --out eval/spair-test
+    python -m sm_eval --checkpoint ckpts/dinov2_448x448_spair/best_model.pth \
+        --official-config configs/dinov2_vitb14_448_spair.yaml --backbone-weights dinov2_vitb14_pretrain.pth \
+        --shards data/shards/spair --out eval/released-448
 
+A released ``best_model.pth`` is recognised by its keys and converted once in this process
+(:mod:`sm_eval.checkpoints`), so the workers, local or Ray, load it as any checkpoint.
 ``--workers 0`` (the default) predicts in this process without Ray; ``--workers N`` starts or joins
 a Ray cluster (``--ray-address``, or ``RAY_ADDRESS`` as ``ray job submit`` sets it; else a local
 one) and predicts on N workers, each over its own whole shards, with results identical to the
@@ -17,9 +22,10 @@ import sys
 from collections.abc import Sequence
 
 from pipelines.storage import StorageError
+from sm_eval.checkpoints import OfficialSettings
 from sm_eval.evaluate import DEFAULT_ALPHAS, EvalRequest, check_alphas, evaluate
-from sm_eval.pck import RULES
-from sm_eval.report import AVERAGE_LABELS, AVERAGES, percent
+from sm_eval.pck import FRAMES, RULES
+from sm_eval.report import AVERAGE_LABELS, AVERAGES, frame_label, percent
 from sm_eval.runner import DTYPES, EvalSettings
 
 log = logging.getLogger("sm_eval")
@@ -27,15 +33,19 @@ log = logging.getLogger("sm_eval")
 EPILOG = """\
 outputs in --out:
   predictions.parquet  per-keypoint records (pair_key, kp_id, category, pred_x/y, gt_x/y,
-                       threshold_base, frame, SPair flags; a model column with several checkpoints)
-  report.json          every number: overall / per category / per flag, per image and per keypoint
-  report.md            per-category table at alpha 0.1, alpha table, per-flag table, protocol
+                       threshold_base, frame, SPair flags, input_size, trg_width/height,
+                       threshold_base_resized; a model column with several checkpoints)
+  report.json          every number: overall / per category / per flag, per image and per keypoint,
+                       in both frames (results.original, results.resized)
+  report.md            per-category table at alpha 0.1, alpha table, per-flag table, protocol;
+                       every table has both frames side by side
   pck_curve.png        PCK against alpha (a line per category, or per model with several)
   matches/*.png        --matches sample pairs: green lines correct at alpha 0.1, red wrong
 
 protocol: correct when ||pred - gt|| <= alpha * base (--rule '<' for the strict variant); base
 from the target: bbox (SPair, AP-10K), img (PF-PASCAL), bbox-kp (PF-WILLOW, real keypoints only);
-original-image pixels unless --frame resized. AP-10K: --split test, test_cross_species or
+both frames: original-image pixels, and the resized S x S input of the paper and the survey
+(compare published numbers with the resized rows, per image). AP-10K: --split test, test_cross_species or
 test_cross_family. A checkpoint trained on one dataset evaluates on another's shards as is.
 
 exit status: 0 done, 1 the data or a checkpoint is unusable (the message names the file), 2 usage,
@@ -80,13 +90,26 @@ def build_parser() -> argparse.ArgumentParser:
     what = parser.add_argument_group("what to evaluate")
     what.add_argument(
         "--checkpoint", action="append", required=True, metavar="PATH_OR_S3",
-        help="a save_checkpoint file, or a (Ray Train) checkpoint directory holding model.pt; local or "
+        help="a save_checkpoint file, a (Ray Train) checkpoint directory holding model.pt, or a released "
+        "best_model.pth (with --official-config); local or "
         "s3://. Repeat to compare models on the same pairs",
     )  # fmt: skip
     what.add_argument(
         "--shards", required=True, metavar="DIR_OR_S3", help="a shard directory written by pipelines.shard"
     )
     what.add_argument("--split", default="test", help="split to evaluate (default: %(default)s)")
+    what.add_argument(
+        "--official-config", action="append", metavar="YAML",
+        help="for a released best_model.pth: the training config of its backbone and size (e.g. "
+        "configs/dinov2_vitb14_448_spair.yaml), whose model section gives image size and windows; the model "
+        "predicts in the official pixel convention and resizes as the official code. One for all released "
+        "checkpoints, or one each in the order of --checkpoint",
+    )  # fmt: skip
+    what.add_argument(
+        "--backbone-weights", metavar="PATH",
+        help="for a released DINOv2 LoRA checkpoint: the frozen backbone's pretrained file, e.g. "
+        "dinov2_vitb14_pretrain.pth (default: the config's weights); read once here, not by the workers",
+    )  # fmt: skip
     what.add_argument("--s3-endpoint-url", metavar="URL", help="S3-compatible endpoint (else AWS_ENDPOINT_URL or AWS)")
 
     protocol = parser.add_argument_group("protocol")
@@ -96,8 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     protocol.add_argument("--rule", choices=RULES, default="<=", help="hit rule: '<=' (default) or strict '<'")
     protocol.add_argument(
-        "--frame", choices=("original", "resized"), default="original",
-        help="measure in original-image pixels (default) or in the resized S x S input, as older papers did",
+        "--frame", choices=FRAMES, default="original",
+        help="frame of pck_curve.png and of the match pictures' colours: original-image pixels (default) or "
+        "the resized S x S input; report.json, report.md and the printed summary always give both frames",
     )  # fmt: skip
 
     compute = parser.add_argument_group("compute")
@@ -156,7 +180,6 @@ def request_from_args(args: argparse.Namespace) -> EvalRequest:
         loader_workers=args.loader_workers,
         threads=args.threads,
         dtype=args.dtype,
-        frame=args.frame,
         image_size=args.image_size,
     )
     return EvalRequest(
@@ -166,6 +189,7 @@ def request_from_args(args: argparse.Namespace) -> EvalRequest:
         split=args.split,
         alphas=args.alphas,
         rule=args.rule,
+        frame=args.frame,
         settings=settings,
         device=args.device,
         workers=args.workers,
@@ -174,17 +198,21 @@ def request_from_args(args: argparse.Namespace) -> EvalRequest:
         matches=args.matches,
         endpoint_url=args.s3_endpoint_url,
         progress=not args.no_progress,
+        official=OfficialSettings(tuple(args.official_config or ()), args.backbone_weights),
     )
 
 
 def summary_lines(report: dict) -> list[str]:
-    """The overall PCK of each model at each alpha, as printed at the end of a run."""
+    """The overall PCK of each model at each alpha in both frames, as printed at the end of a run."""
     alphas = report["alphas"]
-    lines = [f"{'model':<24} {'average':<13} " + " ".join(f"{'PCK@' + format(a, 'g'):>9}" for a in alphas)]
+    header = f"{'model':<24} {'frame':<16} {'average':<13} "
+    lines = [header + " ".join(f"{'PCK@' + format(a, 'g'):>9}" for a in alphas)]
     for model in report["models"]:
-        for average in AVERAGES:
-            values = " ".join(f"{percent(v):>9}" for v in model["results"]["overall"][average])
-            lines.append(f"{model['name']:<24} {AVERAGE_LABELS[average]:<13} {values}")
+        for frame in FRAMES:
+            label = frame_label(frame, model["image_size"])
+            for average in AVERAGES:
+                values = " ".join(f"{percent(v):>9}" for v in model["results"][frame]["overall"][average])
+                lines.append(f"{model['name']:<24} {label:<16} {AVERAGE_LABELS[average]:<13} {values}")
     return lines
 
 
@@ -210,7 +238,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sm_eval: error: {error}", file=sys.stderr)
         return 1
     print("\n".join(summary_lines(report)))
-    print(f"protocol: {report['protocol']['correct_when']}, {report['protocol']['frame']} frame; outputs in {args.out}")
+    protocol = report["protocol"]
+    print(f"protocol: {protocol['correct_when']}; compare with the paper: {protocol['compare_with_paper']}")
+    print(f"outputs in {args.out}")
     return 0
 
 

@@ -7,8 +7,9 @@ Ray workers), aggregate, and write the outputs.
 ``predictions.parquet``  per-keypoint records in index order (a ``model`` column first when
                          several checkpoints are compared): anyone can recompute any metric
 ``report.json``          every number (overall, per category, per flag; per image and per
-                         keypoint), the protocol, the data, the checkpoints, the run; written last
-``report.md``            the per-category table, the alpha table, the per-flag table
+                         keypoint) in both frames (original image and resized ``S x S``), the
+                         protocol, the data, the checkpoints, the run; written last
+``report.md``            the per-category table, the alpha table, the per-flag table, both frames
 ``pck_curve.png``        PCK against alpha: a line per category, or per model when several
 ``matches/*.png``        a sample of pairs with their predicted matches
 =======================  ==================================================================
@@ -35,8 +36,8 @@ from pipelines.reader import pair_dataset
 from pipelines.schema import PairSample, safe_key
 from pipelines.storage import Location, is_s3
 from sm_eval import figures
-from sm_eval.checkpoints import CheckpointFile, read_checkpoint_files
-from sm_eval.pck import RULES, KeypointRecords, frame_square, keypoint_hits
+from sm_eval.checkpoints import CheckpointFile, OfficialSettings, read_checkpoint_files
+from sm_eval.pck import FRAMES, RULES, KeypointRecords, frame_square, keypoint_hits, records_in_frame
 from sm_eval.plan import SplitPlan, read_split_plan, sample_pairs
 from sm_eval.report import (
     build_report,
@@ -46,7 +47,7 @@ from sm_eval.report import (
     render_markdown,
     table_alpha,
 )
-from sm_eval.runner import EvalSettings, predict_split
+from sm_eval.runner import BatchClock, EvalSettings, predict_split
 from sm_model.pixels import from_resized_square
 
 log = logging.getLogger(__name__)
@@ -67,8 +68,11 @@ class EvalRequest:
     ``model.pt`` (local or ``s3://``); ``shards``: a shard directory (local or ``s3://``);
     ``workers``: 0 for this process, N for N Ray workers (Ray initialised by the caller);
     ``gpus_per_worker``: ``None`` means 1 when the Ray cluster has GPUs, else 0; ``device``
-    (this process only): ``auto``, ``cpu`` or ``cuda``; ``matches``: how many pairs to draw.
-    Every field is checked here, before any work: ``ValueError`` says what is wrong."""
+    (this process only): ``auto``, ``cpu`` or ``cuda``; ``matches``: how many pairs to draw;
+    ``frame``: the frame of the PCK curve and of the match pictures' colours (the reports always
+    hold both frames); ``official``: how released ``best_model.pth`` checkpoints are converted
+    (:class:`~sm_eval.checkpoints.OfficialSettings`). Every field is checked here, before any work:
+    ``ValueError`` says what is wrong."""
 
     checkpoints: tuple[str, ...]
     shards: str
@@ -76,6 +80,7 @@ class EvalRequest:
     split: str = "test"
     alphas: tuple[float, ...] = DEFAULT_ALPHAS
     rule: str = "<="
+    frame: str = "original"
     settings: EvalSettings = field(default_factory=EvalSettings)
     device: str = "auto"
     workers: int = 0
@@ -84,6 +89,7 @@ class EvalRequest:
     matches: int = 8
     endpoint_url: str | None = None
     progress: bool = True
+    official: OfficialSettings = field(default_factory=OfficialSettings)
 
     def __post_init__(self) -> None:
         if not self.checkpoints:
@@ -91,6 +97,8 @@ class EvalRequest:
         check_alphas(self.alphas)
         if self.rule not in RULES:
             raise ValueError(f"unknown rule {self.rule!r}; expected one of {RULES}")
+        if self.frame not in FRAMES:
+            raise ValueError(f"unknown frame {self.frame!r}; expected one of {FRAMES}")
         if self.workers < 0 or self.matches < 0:
             raise ValueError(f"workers ({self.workers}) and matches ({self.matches}) must not be negative")
         check_output_dir(self.out)
@@ -134,12 +142,14 @@ def evaluate(request: EvalRequest) -> dict[str, Any]:
         len(plan.shard_counts),
         list(plan.datasets),
     )
-    checkpoints = read_checkpoint_files(request.checkpoints, request.endpoint_url)
+    checkpoints = read_checkpoint_files(request.checkpoints, request.endpoint_url, request.official)
     settings, gpus = _resolve_device(request)
     records: dict[str, KeypointRecords] = {}
     timings: dict[str, float] = {}
+    clocks: dict[str, BatchClock] = {}
     for checkpoint in checkpoints:
         started = time.perf_counter()
+        clocks[checkpoint.name] = BatchClock()
         records[checkpoint.name] = predict_split(
             checkpoint,
             plan,
@@ -148,6 +158,7 @@ def evaluate(request: EvalRequest) -> dict[str, Any]:
             gpus_per_worker=gpus,
             cpus_per_worker=request.cpus_per_worker,
             progress=request.progress,
+            on_batch=clocks[checkpoint.name],
         )
         timings[checkpoint.name] = time.perf_counter() - started
         log.info("%s: %d pairs in %.1f s", checkpoint.name, plan.num_pairs, timings[checkpoint.name])
@@ -157,9 +168,8 @@ def evaluate(request: EvalRequest) -> dict[str, Any]:
         name: [match_file(rank, key, name if len(records) > 1 else None) for rank, key in enumerate(keys)]
         for name in records
     }
-    report = _report(
-        request, plan, checkpoints, records, timings, settings, gpus, [p for f in match_files.values() for p in f]
-    )
+    drawn = [p for f in match_files.values() for p in f]
+    report = _report(request, plan, checkpoints, records, timings, settings, gpus, drawn, clocks)
     _write_matches(out, plan, records, request, keys, match_files)
     _write_outputs(out, records, report)
     return report
@@ -193,6 +203,7 @@ def _report(
     settings: EvalSettings,
     gpus: float,
     match_files: list[str],
+    clocks: Mapping[str, BatchClock],
 ) -> dict[str, Any]:
     first = next(iter(records.values()))
     models = [
@@ -204,6 +215,9 @@ def _report(
             "image_size": settings.image_size or checkpoint.config["image_size"],
             "seconds": round(timings[checkpoint.name], 3),
             "pairs_per_second": round(plan.num_pairs / timings[checkpoint.name], 3),
+            # Start-up (model loading, loader processes, the first batch) apart from the steady rate.
+            "first_batch_seconds": _rounded(clocks[checkpoint.name].first_batch_seconds),
+            "steady_pairs_per_second": _rounded(clocks[checkpoint.name].steady_pairs_per_second()),
             "results": model_results(records[checkpoint.name], request.alphas, request.rule),
         }
         for checkpoint in checkpoints
@@ -220,11 +234,15 @@ def _report(
     run = {
         "workers": request.workers,
         "gpus_per_worker": gpus,
-        **{key: value for key, value in asdict(settings).items() if key != "frame"},
+        **asdict(settings),
     }
     files = {"predictions": PREDICTIONS, "report_md": REPORT_MD, "pck_curve": PCK_CURVE, "matches": match_files}
-    protocol = protocol_statement(request.rule, settings.frame, plan.threshold_kinds, str(first.frame[0]))
+    protocol = protocol_statement(request.rule, plan.threshold_kinds, request.frame)
     return build_report(data=data, protocol=protocol, alphas=request.alphas, models=models, run=run, files=files)
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
 
 
 def _write_outputs(out: Location, records: Mapping[str, KeypointRecords], report: Mapping[str, Any]) -> None:
@@ -242,20 +260,20 @@ def _parquet_bytes(records: Mapping[str, KeypointRecords]) -> bytes:
 
 
 def _curve_image(report: Mapping[str, Any]):
-    models = report["models"]
-    curve_alphas = models[0]["results"]["curve"]["alphas"]
+    models, frame = report["models"], report["protocol"]["figure_frame"]
+    curve_alphas = models[0]["results"][frame]["curve"]["alphas"]
     if len(models) > 1:
-        series = {model["name"]: model["results"]["curve"]["overall"]["per_image"] for model in models}
+        series = {model["name"]: model["results"][frame]["curve"]["overall"]["per_image"] for model in models}
         emphasised = None
     else:
-        curve = models[0]["results"]["curve"]
+        curve = models[0]["results"][frame]["curve"]
         series = {"all": curve["overall"]["per_image"]}
         series |= {category: values["per_image"] for category, values in sorted(curve["per_category"].items())}
         emphasised = "all"
     data, protocol = report["data"], report["protocol"]
     title = (
         f"PCK per image vs alpha: {', '.join(data['datasets'])} {data['split']} "
-        f"({protocol['rule']}, {protocol['frame']} frame, {'/'.join(protocol['threshold_kinds'])} threshold)"
+        f"({protocol['rule']}, {frame} frame, {'/'.join(protocol['threshold_kinds'])} threshold)"
     )
     return figures.pck_curve_image(curve_alphas, series, title, emphasised=emphasised)
 
@@ -291,6 +309,7 @@ def _write_matches(
             out.remove(stale)
     alpha = table_alpha(request.alphas)
     for name, model_records in records.items():
+        model_records = records_in_frame(model_records, request.frame)
         rows = _rows_by_pair(model_records)
         for key, path in zip(keys, files[name]):
             picture = match_picture(samples[key], model_records.take(rows[key]), alpha, request.rule, name)

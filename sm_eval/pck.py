@@ -14,10 +14,15 @@ Protocol
   * ``img`` is the max side of the image.
   * ``bbox-kp`` is the max side of the box around the *valid* keypoints only. The official
     PF-WILLOW code also took min/max over ``-1`` padding, which inflated the threshold.
-* Frame: by default, distances and thresholds are measured in the original image. The
-  ``resized`` frame reproduces older papers. Predictions, ground truth and the threshold base all
-  move into the anisotropically resized ``S x S`` image (:func:`sm_model.pixels.to_resized_square`). There, a
-  bbox base is measured on the resized box, and the ``img`` base is ``S``.
+* Frames (:data:`FRAMES`): ``original`` measures distances and thresholds in the original image.
+  ``resized`` is the frame of the SimpleMatch paper (its official code) and of the survey:
+  predictions, ground truth and the threshold base all move into the anisotropically resized
+  ``S x S`` network input (:func:`sm_model.pixels.to_resized_square`). There, a bbox base is
+  measured on the resized box, the ``bbox-kp`` base on the resized keypoints, and the ``img`` base
+  is ``S``. Records are made in the original frame and carry what the resized frame needs (``S``,
+  the target size, the resized base), so one set of records scores both
+  (:func:`records_in_frame`). The resize is affine per axis, so a shift in where the convention
+  puts pixel centres moves prediction and ground truth alike and never changes a distance.
 * Averages (:func:`summarize`):
   * *per image* is the mean over pairs of each pair's fraction of correct keypoints.
   * *per keypoint* is total correct / total keypoints.
@@ -26,7 +31,7 @@ Protocol
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -36,8 +41,10 @@ from sm_model.pixels import to_resized_square
 
 Rule = Literal["<=", "<"]
 Frame = Literal["original", "resized"]
+FRAMES: tuple[str, ...] = ("original", "resized")
 RULES: tuple[str, ...] = ("<=", "<")
 FLAG_COLUMNS: tuple[str, ...] = ("viewpoint_variation", "scale_variation", "truncation", "occlusion")
+RESIZE_COLUMNS: tuple[str, ...] = ("input_size", "trg_width", "trg_height", "threshold_base_resized")
 
 
 def frame_square(frame: str) -> int | None:
@@ -105,7 +112,11 @@ class KeypointRecords:
 
     Coordinates and ``threshold_base`` are stored in the record's ``frame``: ``"original"``, or
     ``"resized-<S>"`` for the ``S x S`` frame. A flag column is ``None`` when the dataset has no
-    such flag. :meth:`to_dict` gives a dict of arrays that ``pyarrow.table`` accepts directly.
+    such flag. The resize columns (``None`` when the records were made without ``S``) let
+    :func:`records_in_frame` move original records into the resized frame: ``input_size`` is the
+    side ``S`` of the network input, ``trg_width``/``trg_height`` the original target size and
+    ``threshold_base_resized`` the threshold base measured in the ``S x S`` frame. :meth:`to_dict`
+    gives a dict of arrays that ``pyarrow.table`` accepts directly.
     """
 
     pair_key: np.ndarray
@@ -121,6 +132,10 @@ class KeypointRecords:
     scale_variation: np.ndarray | None = None
     truncation: np.ndarray | None = None
     occlusion: np.ndarray | None = None
+    input_size: np.ndarray | None = None
+    trg_width: np.ndarray | None = None
+    trg_height: np.ndarray | None = None
+    threshold_base_resized: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.pair_key)
@@ -149,7 +164,7 @@ class KeypointRecords:
             raise ValueError("concat needs at least one KeypointRecords")
         names = set(parts[0].to_dict())
         if any(set(part.to_dict()) != names for part in parts):
-            raise ValueError("cannot concatenate records with different flag columns")
+            raise ValueError("cannot concatenate records with different flag columns or resize columns")
         return cls(**{name: np.concatenate([part.to_dict()[name] for part in parts]) for name in names})
 
 
@@ -171,36 +186,39 @@ def records_for_pair(
 
     Inputs are in the original target image. ``pred``/``trg_kps`` ``(N, 2)``; ``valid`` ``(N,)``
     bool; ``kps_ids`` ``(N,)``; ``trg_bbox`` ``(4,)`` as ``(x1, y1, x2, y2)``; ``trg_size``
-    ``(W, H)``. With ``frame="resized"``, ``square`` is the side ``S``, and the predictions, the
-    ground truth, the bbox and the keypoint box all move into the ``S x S`` frame. The ``img``
-    base then becomes ``S``. ``flags`` holds per-pair difficulty values, keyed by names in
-    :data:`FLAG_COLUMNS`. Returns ``K`` records, where ``K = valid.sum()``.
+    ``(W, H)``. ``square``, the side ``S`` of the network input, fills the resize columns, so the
+    records score in both frames (:func:`records_in_frame`). With ``frame="resized"`` (which needs
+    ``square``) the records come back already moved into the ``S x S`` frame. ``flags`` holds
+    per-pair difficulty values, keyed by names in :data:`FLAG_COLUMNS`. Returns ``K`` records,
+    where ``K = valid.sum()``.
     """
+    if frame not in FRAMES:
+        raise ValueError(f"unknown frame {frame!r}; expected one of {FRAMES}")
+    if frame == "resized" and square is None:
+        raise ValueError("frame='resized' needs square=S")
+    unknown = set(flags or {}) - set(FLAG_COLUMNS)
+    if unknown:
+        raise ValueError(f"unknown flag columns {sorted(unknown)}; expected some of {FLAG_COLUMNS}")
     valid = np.asarray(valid, dtype=bool)
     pred = np.asarray(pred, dtype=np.float64).reshape(-1, 2)
     gt = np.asarray(trg_kps, dtype=np.float64).reshape(-1, 2)
     bbox = np.asarray(trg_bbox, dtype=np.float64)
-    size = trg_size
-    if frame == "resized":
-        if square is None:
-            raise ValueError("frame='resized' needs square=S")
-        pred, gt = to_resized_square(pred, trg_size, square), to_resized_square(gt, trg_size, square)
-        bbox = to_resized_square(bbox.reshape(2, 2), trg_size, square).reshape(4)
-        size = (square, square)
-        frame_name = f"resized-{square}"
-    elif frame == "original":
-        if square is not None:
-            raise ValueError("square is only meaningful with frame='resized'")
-        frame_name = "original"
-    else:
-        raise ValueError(f"unknown frame {frame!r}; expected 'original' or 'resized'")
-    unknown = set(flags or {}) - set(FLAG_COLUMNS)
-    if unknown:
-        raise ValueError(f"unknown flag columns {sorted(unknown)}; expected some of {FLAG_COLUMNS}")
-    base = threshold_base(kind, bbox, size, gt, valid)
     count = int(valid.sum())
+    columns = {name: np.full(count, int(value), dtype=np.int64) for name, value in (flags or {}).items()}
+    if square is not None:
+        resized_bbox = to_resized_square(bbox.reshape(2, 2), trg_size, square).reshape(4)
+        resized_gt = to_resized_square(gt, trg_size, square)
+        columns |= {
+            "input_size": np.full(count, square, dtype=np.int64),
+            "trg_width": np.full(count, trg_size[0], dtype=np.int64),
+            "trg_height": np.full(count, trg_size[1], dtype=np.int64),
+            "threshold_base_resized": np.full(
+                count, threshold_base(kind, resized_bbox, (square, square), resized_gt, valid)
+            ),
+        }
+    base = threshold_base(kind, bbox, trg_size, gt, valid)
     pred, gt = pred[valid], gt[valid]
-    return KeypointRecords(
+    records = KeypointRecords(
         pair_key=np.full(count, pair_key, dtype=object),
         kp_id=np.asarray(kps_ids, dtype=np.int64)[valid],
         category=np.full(count, category, dtype=object),
@@ -209,8 +227,55 @@ def records_for_pair(
         gt_x=gt[:, 0],
         gt_y=gt[:, 1],
         threshold_base=np.full(count, base),
-        frame=np.full(count, frame_name, dtype=object),
-        **{name: np.full(count, int(value), dtype=np.int64) for name, value in (flags or {}).items()},
+        frame=np.full(count, "original", dtype=object),
+        **columns,
+    )
+    return records_in_frame(records, frame)
+
+
+def records_in_frame(records: KeypointRecords, frame: str) -> KeypointRecords:
+    """``records`` scored in ``frame`` (one of :data:`FRAMES`).
+
+    ``"original"`` returns original-frame records as they are. ``"resized"`` moves original-frame
+    records into each record's ``S x S`` frame (``input_size``): predictions and ground truth
+    through :func:`~sm_model.pixels.to_resized_square`, the base from ``threshold_base_resized``,
+    the frame renamed ``"resized-<S>"``; records already in a resized frame come back as they are.
+    Raises ``ValueError`` for resized records asked for in the original frame, and for original
+    records without the resize columns asked for in the resized frame.
+    """
+    if frame not in FRAMES:
+        raise ValueError(f"unknown frame {frame!r}; expected one of {FRAMES}")
+    names = {str(name) for name in records.frame}
+    if names <= {"original"}:
+        if frame == "original":
+            return records
+    elif "original" in names:
+        raise ValueError(f"records mix frames {sorted(names)}")
+    elif frame == "resized":
+        return records
+    else:
+        raise ValueError(f"records in frame {sorted(names)} cannot be moved back to the original frame")
+    missing = [name for name in RESIZE_COLUMNS if getattr(records, name) is None]
+    if missing:
+        raise ValueError(f"records without {missing} cannot be moved into the resized frame: make them with square=S")
+    pred = np.stack([records.pred_x, records.pred_y], axis=1).astype(np.float64)
+    gt = np.stack([records.gt_x, records.gt_y], axis=1).astype(np.float64)
+    frame_names = np.empty(len(records), dtype=object)
+    sizes = np.stack([records.trg_width, records.trg_height, records.input_size], axis=1).astype(np.int64)
+    unique, inverse = np.unique(sizes, axis=0, return_inverse=True)
+    for group, (width, height, square) in enumerate(unique.tolist()):
+        rows = inverse.reshape(-1) == group
+        pred[rows] = to_resized_square(pred[rows], (width, height), square)
+        gt[rows] = to_resized_square(gt[rows], (width, height), square)
+        frame_names[rows] = f"resized-{square}"
+    return replace(
+        records,
+        pred_x=pred[:, 0],
+        pred_y=pred[:, 1],
+        gt_x=gt[:, 0],
+        gt_y=gt[:, 1],
+        threshold_base=np.asarray(records.threshold_base_resized, dtype=np.float64),
+        frame=frame_names,
     )
 
 

@@ -5,22 +5,26 @@ Used by ``sm_eval`` and by training validation alike, so both score exactly the 
 Evaluation batches (:func:`eval_batches`) are cut shard by shard: a batch never spans two shards,
 so which pairs share a batch (and so the padded keypoint count and every kernel's batch shape)
 depends only on the shard and the batch size, never on which worker reads the shard or on how
-many DataLoader processes decode it. That is what makes a prediction independent of the worker
-count, to the last bit.
+many DataLoader processes decode it (:mod:`sm_model.batches` assembles the same bytes for any
+number). That is what makes a prediction independent of the worker count, to the last bit.
+
+:func:`stream_records` keeps a GPU busy: the next batch's prediction is queued before the records
+of the previous one are built on the host, and the batches arrive on the device already
+(:func:`eval_batches` with ``device``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from functools import partial
 
+import numpy as np
 import torch
 
-from pipelines.reader import pair_dataset
-from pipelines.schema import PairSample
+from pipelines.reader import entry_urls
 from pipelines.storage import Location
-from sm_eval.pck import FLAG_COLUMNS, Frame, KeypointRecords, records_for_pair
-from sm_model.batches import PairBatch, PreparedPair, collate_pairs, prepare_pair, stream_loader
+from sm_eval.pck import FLAG_COLUMNS, KeypointRecords, records_for_pair
+from sm_model.batches import PairBatch, PairRef, assemble_batch, pair_refs, pins_memory, to_device
+from sm_model.config import ImageResize
 from sm_model.pixels import normalize_images
 from sm_model.simplematch import SimpleMatch
 
@@ -38,14 +42,49 @@ def predict_batch(model: SimpleMatch, batch: PairBatch, autocast_dtype: torch.dt
 def batch_records(
     model: SimpleMatch,
     batch: PairBatch,
-    frame: Frame = "original",
     autocast_dtype: torch.dtype | None = None,
 ) -> KeypointRecords:
-    """Per-keypoint records of one batch (on the model's device). ``frame="resized"`` scores in
-    the ``S x S`` network frame of older papers, with ``S`` the batch's image side."""
-    pred = predict_batch(model, batch, autocast_dtype).cpu().numpy()
-    valid = batch.valid.cpu().numpy()
-    square = batch.src_image.shape[-1] if frame == "resized" else None
+    """Per-keypoint records of one batch (on the model's device), in the original frame; they carry
+    the batch's image side ``S``, so they score in the resized ``S x S`` frame too
+    (:func:`sm_eval.pck.records_in_frame`)."""
+    return _records(*_launch(model, batch, autocast_dtype))
+
+
+def stream_records(
+    model: SimpleMatch, batches: Iterable[PairBatch], autocast_dtype: torch.dtype | None = None
+) -> Iterator[KeypointRecords]:
+    """:func:`batch_records` of each of ``batches`` (on the model's device), the same records, with
+    the prediction of each batch queued on the device before the records of the one before are
+    built, so that the device does not wait for the host in between."""
+    previous = None
+    for batch in batches:
+        launched = _launch(model, batch, autocast_dtype)
+        if previous is not None:
+            yield _records(*previous)
+        previous = launched
+    if previous is not None:
+        yield _records(*previous)
+
+
+def _launch(model: SimpleMatch, batch: PairBatch, autocast_dtype: torch.dtype | None):
+    """The prediction of ``batch`` queued, with its copy to the host (and of ``valid``) behind it."""
+    pred = predict_batch(model, batch, autocast_dtype)
+    if pred.device.type != "cuda":
+        return batch, pred, batch.valid.cpu(), None
+    host = pred.to("cpu", non_blocking=True), batch.valid.to("cpu", non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record(torch.cuda.current_stream(pred.device))
+    return batch, *host, copied
+
+
+def _records(batch: PairBatch, pred: torch.Tensor, valid: torch.Tensor, copied: torch.cuda.Event | None):
+    if copied is not None:
+        copied.synchronize()
+    return _batch_records(batch, pred.numpy(), valid.numpy())
+
+
+def _batch_records(batch: PairBatch, pred: np.ndarray, valid: np.ndarray) -> KeypointRecords:
+    square = batch.src_image.shape[-1]
     parts = []
     for row, meta in enumerate(batch.meta):
         count = len(meta.kps_ids)
@@ -61,7 +100,6 @@ def batch_records(
                 meta.threshold,
                 meta.trg_bbox,
                 meta.trg_size,
-                frame=frame,
                 square=square,
                 flags=flags or None,
             )
@@ -73,40 +111,11 @@ def predict_records(
     model: SimpleMatch,
     batches: Iterable[PairBatch],
     device: torch.device,
-    frame: Frame = "original",
     autocast_dtype: torch.dtype | None = None,
 ) -> KeypointRecords | None:
     """Records of every pair in ``batches`` (``None`` when there are none)."""
-    parts = [batch_records(model, batch.to(device), frame, autocast_dtype) for batch in batches]
+    parts = list(stream_records(model, (batch.to(device) for batch in batches), autocast_dtype))
     return KeypointRecords.concat(parts) if parts else None
-
-
-def shard_batches(
-    samples: Iterable[PairSample], shard_of: Mapping[str, str], image_size: int, batch_size: int
-) -> Iterator[PairBatch]:
-    """A pipeline stage: pairs (as the reader yields them, a shard at a time) -> batches of at most
-    ``batch_size`` prepared pairs (images resized to ``image_size``) that never span two shards.
-
-    ``shard_of`` maps each pair key to its shard name (from ``index.parquet``); a pair it does not
-    list means the shards and their index disagree, which raises ``ValueError``."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    pending: list[PreparedPair] = []
-    current: str | None = None
-    for sample in samples:
-        shard = shard_of.get(sample.key)
-        if shard is None:
-            raise ValueError(
-                f"pair {sample.key!r} was read from the shards but index.parquet does not list it in this split: "
-                "do the shards still match their index?"
-            )
-        if pending and (shard != current or len(pending) == batch_size):
-            yield collate_pairs(pending)
-            pending = []
-        current = shard
-        pending.append(prepare_pair(sample, image_size))
-    if pending:
-        yield collate_pairs(pending)
 
 
 def eval_batches(
@@ -116,18 +125,44 @@ def eval_batches(
     *,
     image_size: int,
     batch_size: int,
+    image_resize: ImageResize = "antialiased",
     loader_workers: int = 0,
+    device: torch.device | str | None = None,
 ) -> Iterator[PairBatch]:
-    """Batches of every pair of the shards ``names`` (cut by :func:`shard_batches`), decoded and
-    resized by ``loader_workers`` DataLoader processes (forkserver: forking inside Ray workers can
-    deadlock; a script calling this with ``loader_workers > 0`` needs an
-    ``if __name__ == "__main__":`` guard). Every name is read here (no split by ``RANK``); with
-    several loader processes the batches of different shards interleave, each batch unchanged."""
+    """Batches of at most ``batch_size`` pairs of the shards ``names``, shard after shard in that
+    order, a batch never spanning two shards; images resized to ``image_size`` as ``image_resize``
+    says (the model's). Read, checked and resized by ``loader_workers`` DataLoader processes
+    (:func:`sm_model.batches.pair_refs`; forkserver: forking inside Ray workers can deadlock; a
+    script calling this with ``loader_workers > 0`` needs an ``if __name__ == "__main__":``
+    guard), the same batches for any number of them. Every name is read here (no split by
+    ``RANK``). ``shard_of`` maps each pair key to its shard name (from ``index.parquet``); a pair it
+    does not list means the shards and their index disagree, which raises ``ValueError``. With a
+    CUDA ``device`` the batches come on it (:func:`sm_model.batches.to_device`)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if not names:
         return
+    entry_urls(shards, list(names))  # no shard twice
     read = set(names)
     wanted = {key: shard for key, shard in shard_of.items() if shard in read}
-    dataset = pair_dataset(shards, names, split_nodes=False).compose(
-        partial(shard_batches, shard_of=wanted, image_size=image_size, batch_size=batch_size)
-    )
-    yield from stream_loader(dataset, loader_workers)
+    refs = pair_refs(shards, names, image_size=image_size, image_resize=image_resize, loader_workers=loader_workers)
+    yield from to_device(_shard_batches(refs, wanted, batch_size, pins_memory(device)), device)
+
+
+def _shard_batches(
+    refs: Iterable[PairRef], shard_of: Mapping[str, str], batch_size: int, pin_memory: bool
+) -> Iterator[PairBatch]:
+    """Batches of at most ``batch_size`` pairs that never span two entries (here: shards)."""
+    pending: list[PairRef] = []
+    for ref in refs:
+        if ref.key not in shard_of:
+            raise ValueError(
+                f"pair {ref.key!r} was read from the shards but index.parquet does not list it in this split: "
+                "do the shards still match their index?"
+            )
+        if pending and (ref.piece != pending[0].piece or len(pending) == batch_size):
+            yield assemble_batch(pending, pin_memory)
+            pending = []
+        pending.append(ref)
+    if pending:
+        yield assemble_batch(pending, pin_memory)

@@ -3,6 +3,10 @@ paper shows) and the predictions table. Pure functions; :mod:`sm_eval.evaluate` 
 
 Numbers in ``report.json`` are fractions in ``[0, 1]``; ``report.md`` shows the same numbers as
 percentages with one decimal (:func:`percent`), the way papers print PCK.
+
+Every model's numbers come in both frames of :mod:`sm_eval.pck` side by side (``results`` keyed by
+frame in ``report.json``, a ``frame`` column in every ``report.md`` table): the original image, and
+the resized ``S x S`` network input in which the SimpleMatch paper and the survey report PCK.
 """
 
 from __future__ import annotations
@@ -13,9 +17,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from sm_eval.pck import KeypointRecords, summarize
+from sm_eval.pck import FRAMES, KeypointRecords, records_in_frame, summarize
 
-REPORT_VERSION = 1
+REPORT_VERSION = 2
 AVERAGES = ("per_image", "per_keypoint")
 AVERAGE_LABELS = {"per_image": "per image", "per_keypoint": "per keypoint"}
 THRESHOLD_DEFINITIONS = {
@@ -25,8 +29,10 @@ THRESHOLD_DEFINITIONS = {
 }
 FRAME_DEFINITIONS = {
     "original": "distances and thresholds in original-image pixels",
-    "resized": "distances and thresholds in the anisotropically resized S x S network input (older papers)",
+    "resized": "distances and thresholds in the anisotropically resized S x S network input (bbox base on the "
+    "resized box, img base = S): the frame of the SimpleMatch paper's tables and of the survey",
 }
+PAPER_COMPARISON = "resized frame, per image, hit rule <=: the SimpleMatch paper's tables and the survey's"
 
 
 def percent(fraction: float) -> str:
@@ -49,8 +55,15 @@ def curve_alphas(alphas: Sequence[float], step: float = 0.01) -> list[float]:
 
 
 def model_results(records: KeypointRecords, alphas: Sequence[float], rule: str) -> dict[str, Any]:
-    """One model's numbers: :func:`sm_eval.pck.summarize` at ``alphas`` and, for the curve, the
-    overall and per-category per-image and per-keypoint PCK at :func:`curve_alphas`."""
+    """One model's numbers in every frame of :data:`~sm_eval.pck.FRAMES`, keyed by frame name:
+    :func:`frame_results` of the original-frame ``records`` moved into that frame
+    (:func:`~sm_eval.pck.records_in_frame`; the records need their resize columns)."""
+    return {frame: frame_results(records_in_frame(records, frame), alphas, rule) for frame in FRAMES}
+
+
+def frame_results(records: KeypointRecords, alphas: Sequence[float], rule: str) -> dict[str, Any]:
+    """The numbers of records in one frame: :func:`sm_eval.pck.summarize` at ``alphas`` and, for the
+    curve, the overall and per-category per-image and per-keypoint PCK at :func:`curve_alphas`."""
     summary = summarize(records, alphas, rule)
     grid = curve_alphas(alphas)
     dense = summarize(records, grid, rule)
@@ -65,14 +78,23 @@ def model_results(records: KeypointRecords, alphas: Sequence[float], rule: str) 
     return {**summary, "curve": curve}
 
 
-def protocol_statement(rule: str, frame: str, threshold_kinds: Sequence[str], record_frame: str) -> dict[str, Any]:
-    """What was measured, in words and in fields: rule, frame, threshold kinds, averages."""
+def frame_label(frame: str, image_size: int) -> str:
+    """How ``report.md`` names a frame: ``original`` or ``resized 252x252``."""
+    return "original" if frame == "original" else f"{frame} {image_size}x{image_size}"
+
+
+def protocol_statement(rule: str, threshold_kinds: Sequence[str], figure_frame: str = "original") -> dict[str, Any]:
+    """What was measured, in words and in fields: rule, both frames, threshold kinds, averages.
+    ``figure_frame`` is the frame of the PCK curve and of the match pictures' colours."""
+    if figure_frame not in FRAMES:
+        raise ValueError(f"unknown frame {figure_frame!r}; expected one of {FRAMES}")
     return {
         "rule": rule,
         "correct_when": f"||pred - gt||_2 {rule} alpha * threshold_base",
-        "frame": frame,
-        "record_frame": record_frame,
-        "frame_definition": FRAME_DEFINITIONS[frame],
+        "frames": {frame: FRAME_DEFINITIONS[frame] for frame in FRAMES},
+        "figure_frame": figure_frame,
+        "record_frame": "original",
+        "compare_with_paper": PAPER_COMPARISON,
         "threshold_kinds": list(threshold_kinds),
         "threshold_definitions": {kind: THRESHOLD_DEFINITIONS[kind] for kind in threshold_kinds},
         "threshold_image": "target",
@@ -125,8 +147,8 @@ def predictions_table(records_by_model: Mapping[str, KeypointRecords]) -> pa.Tab
 
 def render_markdown(report: Mapping[str, Any]) -> str:
     """``report.md``: protocol, data, then the per-category table at the table alpha (one row per
-    model and average, like the paper's per-category table), the alpha table, the per-flag table
-    where the dataset has difficulty flags, and the figures."""
+    model, frame and average, like the paper's per-category table), the alpha table, the per-flag
+    table where the dataset has difficulty flags, and the figures. Every table shows both frames."""
     data, protocol, models = report["data"], report["protocol"], report["models"]
     alpha = report["table_alpha"]
     lines = [f"# PCK evaluation: {', '.join(data['datasets'])} / {data['split']}", ""]
@@ -137,15 +159,18 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     lines += _category_table(models, column) + [""]
     lines += ["## PCK per alpha over all pairs (%)", ""]
     lines += _alpha_table(models, report["alphas"]) + [""]
-    if any(model["results"]["per_flag"] for model in models):
+    if any(model["results"][FRAMES[0]]["per_flag"] for model in models):
         lines += [f"## PCK@{alpha:g} per difficulty flag (%)", ""]
         lines += _flag_table(models, column) + [""]
     files = report["files"]
     lines += ["## Figures", "", f"![PCK against alpha]({files['pck_curve']})", ""]
     if files.get("matches"):
         lines += [
-            f"Matches ({len(files['matches'])} pairs): a line from each source keypoint to its prediction, "
-            f"green when correct at alpha {alpha:g}, red when not; the ground truth is the white ring.",
+            (
+                f"Matches ({len(files['matches'])} pairs): a line from each source keypoint to its prediction, "
+                f"green when correct at alpha {alpha:g} in the {protocol['figure_frame']} frame, red when not; "
+                "the ground truth is the white ring."
+            ),
             "",
         ]
         lines += [f"- [{path}]({path})" for path in files["matches"]]
@@ -157,11 +182,17 @@ def _protocol_lines(protocol: Mapping[str, Any], alphas: Sequence[float]) -> lis
     kinds = "; ".join(f"`{kind}` = {text}" for kind, text in protocol["threshold_definitions"].items())
     listed = ", ".join(f"{a:g}" for a in alphas)
     return [
-        "**Protocol.** A keypoint is correct when "
-        f"`{protocol['correct_when']}` (hit rule `{protocol['rule']}`), alpha in {listed}. "
-        f"Threshold base from the target image: {kinds}. Frame: {protocol['frame']} "
-        f"({protocol['frame_definition']}). Averages: *per image* = {protocol['averages']['per_image']}; "
-        f"*per keypoint* = {protocol['averages']['per_keypoint']}."
+        (
+            "**Protocol.** A keypoint is correct when "
+            f"`{protocol['correct_when']}` (hit rule `{protocol['rule']}`), alpha in {listed}. "
+            f"Threshold base from the target image: {kinds}. Averages: *per image* = "
+            f"{protocol['averages']['per_image']}; *per keypoint* = {protocol['averages']['per_keypoint']}."
+        ),
+        "",
+        "**Frames**, side by side in every table: "
+        + "; ".join(f"*{frame}* = {text}" for frame, text in protocol["frames"].items())
+        + f". To compare with published numbers read the {protocol['compare_with_paper']}. "
+        f"The PCK curve and the match pictures use the {protocol['figure_frame']} frame.",
     ]
 
 
@@ -181,43 +212,54 @@ def _data_lines(data: Mapping[str, Any], models: Sequence[Mapping[str, Any]]) ->
     return lines
 
 
+def _model_frames(models: Sequence[Mapping[str, Any]]) -> list[tuple[Mapping[str, Any], str, Mapping[str, Any]]]:
+    """``(model, frame label, that frame's results)`` for every model and frame, in table order."""
+    return [
+        (model, frame_label(frame, model["image_size"]), model["results"][frame])
+        for model in models
+        for frame in FRAMES
+    ]
+
+
 def _category_table(models: Sequence[Mapping[str, Any]], column: int) -> list[str]:
-    categories = sorted(models[0]["results"]["per_category"])
-    first = models[0]["results"]
+    first = models[0]["results"][FRAMES[0]]
+    categories = sorted(first["per_category"])
     counts = [str(first["per_category"][c]["n_pairs"]) for c in categories]
-    rows = [["", "pairs", *counts, str(first["overall"]["n_pairs"])]]
-    for model in models:
-        results = model["results"]
+    rows = [["", "", "pairs", *counts, str(first["overall"]["n_pairs"])]]
+    for model, label, results in _model_frames(models):
         for average in AVERAGES:
             cells = [percent(results["per_category"][c][average][column]) for c in categories]
             cells.append(percent(results["overall"][average][column]))
-            rows.append([model["name"], AVERAGE_LABELS[average], *cells])
-    return markdown_table(["model", "average", *categories, "all"], rows)
+            rows.append([model["name"], label, AVERAGE_LABELS[average], *cells])
+    return markdown_table(["model", "frame", "average", *categories, "all"], rows)
 
 
 def _alpha_table(models: Sequence[Mapping[str, Any]], alphas: Sequence[float]) -> list[str]:
     rows = [
-        [model["name"], AVERAGE_LABELS[average], *(percent(v) for v in model["results"]["overall"][average])]
-        for model in models
+        [model["name"], label, AVERAGE_LABELS[average], *(percent(v) for v in results["overall"][average])]
+        for model, label, results in _model_frames(models)
         for average in AVERAGES
     ]
-    return markdown_table(["model", "average", *(f"PCK@{a:g}" for a in alphas)], rows)
+    return markdown_table(["model", "frame", "average", *(f"PCK@{a:g}" for a in alphas)], rows)
 
 
 def _flag_table(models: Sequence[Mapping[str, Any]], column: int) -> list[str]:
-    """One row per value of each difficulty flag; per model a per-image and a per-keypoint column."""
-    flags = models[0]["results"]["per_flag"]
+    """One row per value of each difficulty flag and frame; per model a per-image and a per-keypoint
+    column."""
+    flags = models[0]["results"][FRAMES[0]]["per_flag"]
     names = [f"{model['name']} {AVERAGE_LABELS[average]}" for model in models for average in AVERAGES]
     rows = []
     for flag in flags:
         for value in sorted(flags[flag]):
-            cells = [
-                percent(model["results"]["per_flag"][flag][value][average][column])
-                for model in models
-                for average in AVERAGES
-            ]
-            rows.append([flag, str(value), str(flags[flag][value]["n_pairs"]), *cells])
-    return markdown_table(["flag", "value", "pairs", *names], rows)
+            for frame in FRAMES:
+                labels = {frame_label(frame, model["image_size"]) for model in models}
+                cells = [
+                    percent(model["results"][frame]["per_flag"][flag][value][average][column])
+                    for model in models
+                    for average in AVERAGES
+                ]
+                rows.append([flag, str(value), str(flags[flag][value]["n_pairs"]), " / ".join(sorted(labels)), *cells])
+    return markdown_table(["flag", "value", "pairs", "frame", *names], rows)
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:

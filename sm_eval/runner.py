@@ -6,8 +6,8 @@ shards, and yields per-keypoint records batch by batch, never averages. The driv
 lists, and puts the records into the index order. The result is the same to the last bit for any
 worker count because
 
-* a batch never spans two shards (:func:`sm_eval.predict.shard_batches`), so a pair is always
-  predicted in the same batch;
+* a batch never spans two shards (:func:`sm_eval.predict.eval_batches`), so a pair is always
+  predicted in the same batch, and a batch holds the same bytes for any number of loader processes;
 * every worker and the single process use the same number of torch CPU threads
   (``EvalSettings.threads``), the same device type and dtype;
 * records are sorted into index order before anything is written or averaged.
@@ -30,9 +30,9 @@ from tqdm import tqdm
 
 from pipelines.storage import Location
 from sm_eval.checkpoints import CheckpointFile
-from sm_eval.pck import Frame, KeypointRecords
+from sm_eval.pck import KeypointRecords
 from sm_eval.plan import SplitPlan, assign_shards, canonical_order, check_coverage
-from sm_eval.predict import batch_records, eval_batches
+from sm_eval.predict import eval_batches, stream_records
 from sm_model.checkpoint import load_model
 
 log = logging.getLogger(__name__)
@@ -45,14 +45,13 @@ class EvalSettings:
     """How a worker predicts. ``image_size`` ``None`` keeps the checkpoint's; ``threads`` is the
     torch CPU thread count in every worker and in the single process (keep it fixed across runs
     you compare); ``device`` is ``"cpu"`` or ``"cuda"``; ``dtype`` a key of :data:`DTYPES`
-    (autocast); ``frame`` the PCK frame of the records."""
+    (autocast). Records come in the original frame and carry what the resized frame needs."""
 
     batch_size: int = 8
     loader_workers: int = 2
     threads: int = 4
     device: str = "cpu"
     dtype: str = "float32"
-    frame: Frame = "original"
     image_size: int | None = None
 
     def __post_init__(self) -> None:
@@ -78,6 +77,31 @@ def torch_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+class BatchClock:
+    """An ``on_batch`` callback for :func:`predict_split` that times the start apart from the
+    steady state: ``first_batch_seconds`` from its creation until the first batch of records came
+    back (model loading, loader start-up, the first batch itself), then the rate of the rest."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.first_batch_seconds: float | None = None
+        self.first_batch_pairs = 0
+        self.pairs = 0
+        self.last = self.started
+
+    def __call__(self, pairs: int) -> None:
+        self.last = time.perf_counter()
+        self.pairs += pairs
+        if self.first_batch_seconds is None:
+            self.first_batch_seconds, self.first_batch_pairs = self.last - self.started, pairs
+
+    def steady_pairs_per_second(self) -> float | None:
+        """Pairs per second after the first batch (``None`` when there was no later batch)."""
+        if self.first_batch_seconds is None or self.pairs == self.first_batch_pairs:
+            return None
+        return (self.pairs - self.first_batch_pairs) / (self.last - self.started - self.first_batch_seconds)
+
+
 def worker_records(
     checkpoint: bytes,
     shards: Location,
@@ -99,10 +123,11 @@ def worker_records(
             shard_of,
             image_size=model.config.image_size,
             batch_size=settings.batch_size,
+            image_resize=model.config.image_resize,
             loader_workers=settings.loader_workers,
+            device=device,
         )
-        for batch in batches:
-            yield batch_records(model, batch.to(device), settings.frame, DTYPES[settings.dtype])
+        yield from stream_records(model, batches, DTYPES[settings.dtype])
 
 
 def predict_split(

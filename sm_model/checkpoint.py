@@ -71,20 +71,30 @@ def save_checkpoint(model: SimpleMatch, path: str | Path, trainable_only: bool =
     ``trainable_only`` keeps only :func:`trainable_state_keys` (for LoRA: the LoRA factors, the
     decoder and its BatchNorm statistics; the frozen backbone is rebuilt from ``config.weights``).
     Tensors are saved on the CPU."""
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    torch.save(_checkpoint_document(model, trainable_only), partial)
+    partial.replace(path)
+
+
+def checkpoint_bytes(model: SimpleMatch, trainable_only: bool = False) -> bytes:
+    """What :func:`save_checkpoint` would write, as bytes (for :func:`load_model` on a worker)."""
+    buffer = io.BytesIO()
+    torch.save(_checkpoint_document(model, trainable_only), buffer)
+    return buffer.getvalue()
+
+
+def _checkpoint_document(model: SimpleMatch, trainable_only: bool) -> dict[str, Any]:
     state = model.state_dict()
     if trainable_only:
         keep = trainable_state_keys(model)
         state = {key: value for key, value in state.items() if key in keep}
-    checkpoint = {
+    return {
         "format": CHECKPOINT_FORMAT,
         "config": dataclasses.asdict(model.config),
         "trainable_only": trainable_only,
         "state_dict": {key: value.detach().cpu() for key, value in state.items()},
     }
-    path = Path(path)
-    partial = path.with_name(path.name + ".partial")
-    torch.save(checkpoint, partial)
-    partial.replace(path)
 
 
 def read_checkpoint(source: Source, name: str | None = None) -> dict[str, Any]:
@@ -104,7 +114,7 @@ def read_checkpoint(source: Source, name: str | None = None) -> dict[str, Any]:
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(
             f"{name} is not a {CHECKPOINT_FORMAT} checkpoint (save_checkpoint writes one; for a released "
-            "best_model.pth use sm_model.official.load_official_checkpoint)"
+            "best_model.pth use sm_model.official.official_model)"
         )
     return checkpoint
 
@@ -140,12 +150,12 @@ def load_model(source: Source, name: str | None = None, **overrides: Any) -> Sim
     if checkpoint["trainable_only"]:
         model = SimpleMatch(dataclasses.replace(config, **overrides))
     else:
-        model = _empty_model(dataclasses.replace(config, weights=None, **overrides))
+        model = empty_model(dataclasses.replace(config, weights=None, **overrides))
     _load_state(model, checkpoint, name)
     return model
 
 
-def _empty_model(config: ModelConfig) -> SimpleMatch:
+def empty_model(config: ModelConfig) -> SimpleMatch:
     """A model whose every state entry a full checkpoint overwrites: built on the meta device and
     materialised uninitialised, unless it has buffers no checkpoint holds (they need their init)."""
     with torch.device("meta"):
@@ -190,5 +200,13 @@ def _check_config(model_config: ModelConfig, saved: ModelConfig, trainable_only:
     ]
     if runtime_differences:
         logger.info("checkpoint %s: the model's own %s are used, not the saved ones", source, runtime_differences)
+    if saved.pixel_convention != model_config.pixel_convention:
+        logger.warning(
+            "checkpoint %s was saved with pixel_convention %r but the model uses %r: its predictions move by about "
+            "(stride - 1) / 2 input pixels",
+            source,
+            saved.pixel_convention,
+            model_config.pixel_convention,
+        )
 
 

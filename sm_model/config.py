@@ -19,6 +19,8 @@ from typing import Any, Literal, NamedTuple, Union, get_args, get_origin, get_ty
 FinetuneMode = Literal["frozen", "lora", "last_blocks", "full"]
 KeypointSampling = Literal["bilinear", "nearest"]
 PositionResampling = Literal["official", "timm"]
+PixelConvention = Literal["center", "official"]
+ImageResize = Literal["antialiased", "official"]
 
 
 class Bound(NamedTuple):
@@ -61,11 +63,25 @@ class ModelConfig:
     cells of the 1/4-resolution map (``None``: dense soft-argmax over the whole map); coarser scales
     use ``coarse_window_sizes`` (1/16, 1/8). ``beta`` is the soft-argmax temperature.
     ``multiscale`` predicts and supervises at 1/16, 1/8 and 1/4 with ``scale_weights``;
-    otherwise only at 1/4. ``keypoint_sampling`` reads source features bilinearly or, for parity
-    with the official code, from the integer cell holding the keypoint. ``position_resampling``
-    (ViTs) fits the pretrained positional embedding to the input's patch grid as the DINO, DINOv2
-    and iBOT code that trained the released weights does (``"official"``: bicubic, 0.1-cell offset,
-    no antialiasing) or as timm does (``"timm"``: bicubic to the exact size, antialiased)."""
+    otherwise only at 1/4. ``position_resampling`` (ViTs) fits the pretrained positional embedding
+    to the input's patch grid as the DINO, DINOv2 and iBOT code that trained the released weights
+    does (``"official"``: bicubic, 0.1-cell offset, no antialiasing) or as timm does (``"timm"``:
+    bicubic to the exact size, antialiased).
+
+    ``pixel_convention`` says where a pixel is (:mod:`sm_model.pixels`): ``"center"`` (the
+    project's, for the models it trains) maps points between the original image and the S x S input
+    with pixel centres aligned, ``x' = (x + 0.5) * S / W - 0.5``, and cell ``j`` of a stride-``s``
+    map to its centre ``s*j + (s - 1)/2``; ``"official"`` (the released code's; set by
+    :func:`sm_model.official.official_model` for released checkpoints) uses ``x' = x * S / W`` and
+    cell ``j`` at pixel ``s*j``, and reads source features at the integer cell ``floor(x' / s)``.
+    ``keypoint_sampling`` overrides how source features are read: ``None`` (default) is the
+    convention's own (``"bilinear"`` for center, ``"nearest"`` for official), ``"bilinear"``
+    interpolates at the keypoint's cell coordinate, ``"nearest"`` reads the integer cell
+    ``floor(x' / s)`` (kept so that configs and checkpoints that set it load as before).
+    ``image_resize`` is how images are resized to S x S (:func:`sm_model.pixels.resize_image`):
+    ``"antialiased"`` (PIL bilinear) or ``"official"`` (OpenCV's bilinear without antialiasing, as
+    the released code; set for released checkpoints). The checkpoint saves all three with the
+    config, so a model predicts in the convention it was trained or released with."""
 
     backbone: str = "dinov2_vitb14"
     weights: str | None = None
@@ -81,8 +97,10 @@ class ModelConfig:
     beta: float = 0.02
     multiscale: bool = False
     scale_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
-    keypoint_sampling: KeypointSampling = "bilinear"
+    keypoint_sampling: KeypointSampling | None = None
     position_resampling: PositionResampling = "official"
+    pixel_convention: PixelConvention = "center"
+    image_resize: ImageResize = "antialiased"
 
     def __post_init__(self) -> None:
         require(self, "image_size lora_rank decoder_channels window_size coarse_window_sizes", AT_LEAST_ONE)

@@ -8,7 +8,11 @@ Differences from the released code, on purpose:
 - Source and target go through the backbone and the decoder as one batch of ``2B`` images (one
   forward each). BatchNorm in the decoder therefore normalises with statistics over both images
   in training, where the official ViT code ran source and target as two separate batches.
-- Cell centres, not corners, are mapped to pixels (see :mod:`sm_model.pixels`).
+- By default (``pixel_convention="center"``) cell centres, not corners, are mapped to pixels, and
+  points move between the original image and the input with pixel centres aligned;
+  ``pixel_convention="official"`` (released checkpoints, :func:`sm_model.official.official_model`)
+  does what the released code does (see :mod:`sm_model.pixels`).
+- Cosine scores and the soft-argmax run in float32 under autocast (:func:`sm_model.matching.match_keypoints`).
 - Any number of keypoints; padded ones are masked by ``valid`` instead of a fixed 30.
 
 Checkpoints: :mod:`sm_model.checkpoint`; the released ``best_model.pth`` layout: :mod:`sm_model.official`.
@@ -23,8 +27,8 @@ from sm_model.backbones import build_backbone
 from sm_model.config import ModelConfig
 from sm_model.decoder import ScaleFeatures, build_decoder
 from sm_model.loss import multiscale_loss
-from sm_model.matching import cosine_similarity, localize, sample_keypoint_features
-from sm_model.pixels import cells_to_pixels, input_to_original_pixels, original_to_input_pixels
+from sm_model.matching import match_keypoints
+from sm_model.pixels import input_to_original_pixels, original_to_input_pixels
 
 
 class SimpleMatch(nn.Module):
@@ -82,9 +86,8 @@ class SimpleMatch(nn.Module):
     def _match(self, scale: ScaleFeatures, window: int | None, src_kps: Tensor) -> Tensor:
         """Sparse matching and localization on one scale: ``src_kps`` ``[B, N, 2]`` -> ``[B, N, 2]`` input pixels."""
         src_map, trg_map = scale.features.chunk(2)
-        keypoint_features = sample_keypoint_features(src_map, src_kps, scale.stride, self.config.keypoint_sampling)
-        scores = cosine_similarity(keypoint_features, trg_map)  # [B, N, h, w]
-        return cells_to_pixels(localize(scores, window, self.config.beta), scale.stride)
+        beta, sampling, convention = self.config.beta, self.config.keypoint_sampling, self.config.pixel_convention
+        return match_keypoints(src_map, trg_map, src_kps, scale.stride, window, beta, sampling, convention)
 
     def loss(self, predictions: list[Tensor], target: Tensor, valid: Tensor) -> Tensor:
         """Weighted sum over scales of the mean Euclidean distance in input pixels over valid
@@ -101,17 +104,18 @@ class SimpleMatch(nn.Module):
         ``src``, ``trg``: ``[B, 3, S, S]`` (the original images resized to S x S, normalised);
         ``src_kps``: ``[B, N, 2]`` original source pixels; ``valid``: ``[B, N]`` bool;
         ``src_sizes``, ``trg_sizes``: ``[B, 2]`` original ``(W, H)``. Returns ``[B, N, 2]`` float32.
-        The model's training mode is restored afterwards.
+        Points move between the frames in ``config.pixel_convention``. The model's training mode is
+        restored afterwards.
         """
-        input_size = src.shape[-1]
-        input_kps = original_to_input_pixels(src_kps, src_sizes, input_size)
+        input_size, convention = src.shape[-1], self.config.pixel_convention
+        input_kps = original_to_input_pixels(src_kps, src_sizes, input_size, convention)
         was_training = self.training
         self.eval()
         try:
             finest = self(src, trg, input_kps, valid)[-1]
         finally:
             self.train(was_training)
-        return input_to_original_pixels(finest, trg_sizes, input_size)
+        return input_to_original_pixels(finest, trg_sizes, input_size, convention)
 
 
 def _check_inputs(src: Tensor, trg: Tensor, src_kps: Tensor, valid: Tensor) -> None:

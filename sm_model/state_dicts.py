@@ -3,6 +3,7 @@ that does not fit. Every ``torch.load`` uses ``weights_only=True``: no pickled c
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -12,8 +13,11 @@ from torch import nn
 StateDict = Mapping[str, torch.Tensor]
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors saved in ``path``: a bare state dict or one under "teacher", "state_dict" or "model"."""
+def read_state_dict(path: str | Path | bytes) -> dict[str, torch.Tensor]:
+    """The tensors saved in ``path`` (or in these bytes): a bare state dict or one under "teacher",
+    "state_dict" or "model"."""
+    if isinstance(path, bytes):
+        path = io.BytesIO(path)
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(checkpoint, dict):
         for container in ("teacher", "state_dict", "model"):
@@ -21,7 +25,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                 checkpoint = checkpoint[container]
                 break
     if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-        raise ValueError(f"{path} holds no state dict (names -> tensors)")
+        where = "the checkpoint bytes" if isinstance(path, io.BytesIO) else path
+        raise ValueError(f"{where} holds no state dict (names -> tensors)")
     return checkpoint
 
 

@@ -34,13 +34,23 @@ Geometry
 
 Differences from the official code: parameters are continuous rather than whole pixels; the
 crop works on the already resized ``S x S`` image rather than the original; keypoints that leave the
-frame are masked (``in_frame``) instead of clipped to ``[0, S - 1]``; there is no "same angle for
-source and target" draw, as source and target are augmented by independent calls.
+frame are masked (``in_frame``) instead of clipped to ``[0, S - 1]``.
 
-Exchange
---------
-:meth:`PairAugmentation.exchange` swaps the source and target of each pair with ``exchange_p``
-(the official ``Exchange``, PF-PASCAL only: 0.5), before the two sides are augmented.
+Pairs
+-----
+:meth:`PairAugmentation.pair` augments both sides of a batch of pairs. How the two sides draw their
+geometry is ``pair_draws``:
+
+* ``independent``: each side draws its own crop and rotation (:meth:`~PairAugmentation.draw_geometry`);
+  exactly one call for the sources, then one for the targets.
+* ``official`` (the official ``RandomCrop`` / ``RandomRotation`` on a pair,
+  :meth:`~PairAugmentation.draw_pair_geometry`): with ``crop_p`` both sides are cropped, else
+  neither (each side keeps its own window, drawn around its own box); with ``rotation_p`` the pair
+  is rotated, and then the source only, the target only, or both by the same angle, a third each.
+
+Appearance is drawn per image in both modes. :meth:`PairAugmentation.exchange` swaps the source
+and target of each pair with ``exchange_p`` (the official ``Exchange``, PF-PASCAL only: 0.5),
+before the two sides are augmented.
 
 Appearance
 ----------
@@ -66,6 +76,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import kornia
 import torch
@@ -216,9 +227,30 @@ def _uniform(count: int, low: float, high: float) -> Tensor:
 
 # --- the module ------------------------------------------------------------------------------------
 
+ROTATE_SOURCE, ROTATE_TARGET, ROTATE_BOTH = 0, 1, 2
+"""Which side of a rotated pair turns under ``pair_draws="official"`` (drawn uniformly)."""
+
+Side = tuple[Tensor, Tensor, Tensor]
+"""One side of a batch of pairs: ``(images, kps, bboxes)`` as :meth:`PairAugmentation.forward` takes them."""
+AugmentedSide = tuple[Tensor, Tensor, Tensor]
+"""One augmented side: ``(images, kps, in_frame)`` as :meth:`PairAugmentation.forward` returns them."""
+
+
+@dataclass(frozen=True)
+class GeometryDraws:
+    """The geometric draws of one side of a batch of ``B`` pairs, all on the CPU: ``cropped`` and
+    ``rotated`` ``[B]`` bool; ``crop_uniform`` ``[B, 4]`` float64 in ``[0, 1)`` (left, top, right,
+    bottom of the window, see :func:`_crop_windows`) and ``angles`` ``[B]`` float64 degrees, each
+    ``None`` when its probability is 0 (no draw at all)."""
+
+    cropped: Tensor
+    crop_uniform: Tensor | None
+    rotated: Tensor
+    angles: Tensor | None
+
 
 class PairAugmentation(torch.nn.Module):
-    """Augments one side of a batch of pairs (call it once for the sources, once for the targets).
+    """Augments a batch of pairs: :meth:`pair` for both sides, or a call for one side.
 
     Works on cpu and cuda; images of any floating dtype are processed in (at least) float32 with
     autocast off and returned in their own dtype. Has no learnable state.
@@ -252,14 +284,61 @@ class PairAugmentation(torch.nn.Module):
             sides[f"src_{name}"], sides[f"trg_{name}"] = torch.where(row_mask, trg, src), torch.where(row_mask, src, trg)
         return dataclasses.replace(batch, **sides)
 
+    def pair(
+        self, src: Side, trg: Side, categories: Sequence[str] | None = None
+    ) -> tuple[AugmentedSide, AugmentedSide]:
+        """Augment both sides of a batch of pairs; ``src`` and ``trg`` are ``(images, kps, bboxes)``
+        and come back as ``(images, kps, in_frame)`` (see :meth:`forward`). ``pair_draws``
+        ``independent`` is exactly a call for the sources, then one for the targets; ``official``
+        draws the geometry once per pair (:meth:`draw_pair_geometry`), then augments each side with
+        its share of it (and its own appearance draws)."""
+        src_draws = trg_draws = None
+        if self.config.enabled and self.config.pair_draws == "official":
+            src_draws, trg_draws = self.draw_pair_geometry(src[0].shape[0], categories)
+        return self(*src, categories, draws=src_draws), self(*trg, categories, draws=trg_draws)
+
+    def draw_geometry(self, batch: int, categories: Sequence[str] | None = None) -> GeometryDraws:
+        """Independent geometric draws for one side of ``batch`` pairs (a fixed number of draws per
+        call; each is used only where its step applies)."""
+        config = self.config
+        cropped = _bernoulli(batch, config.crop_p)
+        crop_uniform = torch.rand(batch, 4, dtype=torch.float64) if config.crop_p > 0 else None
+        rotated = _bernoulli(batch, config.rotation_p)
+        return GeometryDraws(cropped, crop_uniform, rotated, _draw_angles(config, categories, batch))
+
+    def draw_pair_geometry(
+        self, batch: int, categories: Sequence[str] | None = None
+    ) -> tuple[GeometryDraws, GeometryDraws]:
+        """The official pair-level geometric draws for ``batch`` pairs, ``(source, target)``: one
+        crop decision per pair for both sides (each side its own window), one rotation decision per
+        pair, which side turns (:data:`ROTATE_SOURCE`, :data:`ROTATE_TARGET`, :data:`ROTATE_BOTH`,
+        uniformly) and one angle, shared when both turn."""
+        config = self.config
+        cropped = _bernoulli(batch, config.crop_p)
+        windows = torch.rand(2, batch, 4, dtype=torch.float64) if config.crop_p > 0 else None
+        rotated = _bernoulli(batch, config.rotation_p)
+        turns = torch.randint(3, (batch,)) if config.rotation_p > 0 else torch.full((batch,), ROTATE_BOTH)
+        angles = _draw_angles(config, categories, batch)
+        src_window, trg_window = (None, None) if windows is None else windows.unbind(0)
+        return (
+            GeometryDraws(cropped, src_window, rotated & (turns != ROTATE_TARGET), angles),
+            GeometryDraws(cropped, trg_window, rotated & (turns != ROTATE_SOURCE), angles),
+        )
+
     def forward(
-        self, images: Tensor, kps: Tensor, bboxes: Tensor, categories: Sequence[str] | None = None
-    ) -> tuple[Tensor, Tensor, Tensor]:
+        self,
+        images: Tensor,
+        kps: Tensor,
+        bboxes: Tensor,
+        categories: Sequence[str] | None = None,
+        draws: GeometryDraws | None = None,
+    ) -> AugmentedSide:
         """Augment ``images`` and move ``kps`` with them.
 
         ``images``: ``[B, 3, S, S]`` float in [0, 1]; ``kps``: ``[B, N, 2]`` input pixels, padded rows
         NaN; ``bboxes``: ``[B, 4]`` ``(x1, y1, x2, y2)`` input pixels (the object box kept by the crop);
-        ``categories``: one per sample, for ``wide_rotation_categories`` (``None``: none is wide).
+        ``categories``: one per sample, for ``wide_rotation_categories`` (``None``: none is wide);
+        ``draws``: the geometry to apply (``None``: drawn here, :meth:`draw_geometry`).
         Returns ``(images [B, 3, S, S], kps [B, N, 2], in_frame [B, N] bool)``: keypoints that left the
         frame keep their (unclamped) coordinates and are ``False`` in ``in_frame``, as are NaN rows.
         With augmentation disabled (or every probability 0) the input tensors themselves are returned.
@@ -268,24 +347,20 @@ class PairAugmentation(torch.nn.Module):
         size = (images.shape[-2], images.shape[-1])
         if not self.config.enabled or images.shape[0] == 0:
             return images, kps, keypoints_in_frame(kps, size)
+        if draws is None:
+            draws = self.draw_geometry(images.shape[0], categories)
+        elif draws.cropped.shape[0] != images.shape[0]:
+            raise ValueError(f"geometry drawn for {draws.cropped.shape[0]} samples, applied to {images.shape[0]}")
         with torch.autocast(images.device.type, enabled=False):
             work = images.to(torch.promote_types(images.dtype, torch.float32))
-            work, kps = self._geometry(work, kps, bboxes, categories)
+            work, kps = self._geometry(work, kps, bboxes, draws)
             work = self._appearance(work)
         return work.to(images.dtype), kps, keypoints_in_frame(kps, size)
 
-    def _geometry(
-        self, images: Tensor, kps: Tensor, bboxes: Tensor, categories: Sequence[str] | None
-    ) -> tuple[Tensor, Tensor]:
+    def _geometry(self, images: Tensor, kps: Tensor, bboxes: Tensor, draws: GeometryDraws) -> tuple[Tensor, Tensor]:
         """Crop and rotation as one matrix per sample; only the samples that move are resampled."""
-        config = self.config
         batch, size, device = images.shape[0], (images.shape[-2], images.shape[-1]), images.device
-        # Every sample draws its parameters (a fixed number of draws per call); they are used where applied.
-        cropped = _bernoulli(batch, config.crop_p)
-        crop_uniform = torch.rand(batch, 4, dtype=torch.float64) if config.crop_p > 0 else None
-        rotated = _bernoulli(batch, config.rotation_p)
-        limits = rotation_limits(config, categories, batch)
-        angles = -limits + 2 * limits * torch.rand(batch, dtype=torch.float64) if config.rotation_p > 0 else None
+        cropped, crop_uniform, rotated, angles = draws.cropped, draws.crop_uniform, draws.rotated, draws.angles
         moved = (cropped | rotated).nonzero().squeeze(1)
         if moved.numel() == 0:
             return images, kps
@@ -295,7 +370,7 @@ class PairAugmentation(torch.nn.Module):
             crop = crop_resize_matrix(_crop_windows(bboxes, crop_uniform.to(device), size), size)
             matrices = torch.where(cropped.to(device)[:, None, None], crop, identity)
         if angles is not None:
-            rotation = rotation_matrix(angles.to(device), size, config.rotation_expand)
+            rotation = rotation_matrix(angles.to(device), size, self.config.rotation_expand)
             # Crop first, then rotate (the official order): the rotation acts on the cropped frame.
             matrices = torch.where(rotated.to(device)[:, None, None], rotation, identity) @ matrices
         index = moved.to(device)
@@ -347,6 +422,13 @@ def rotation_limits(config: AugmentConfig, categories: Sequence[str] | None, bat
     wide = set(config.wide_rotation_categories)
     limits = [config.wide_rotation_degrees if category in wide else config.rotation_degrees for category in categories]
     return torch.tensor(limits, dtype=torch.float64)
+
+
+def _draw_angles(config: AugmentConfig, categories: Sequence[str] | None, batch: int) -> Tensor | None:
+    """``[B]`` float64 angles ``U(-limit, limit)`` (:func:`rotation_limits`), one draw each;
+    ``None`` (no draw) when ``rotation_p`` is 0."""
+    limits = rotation_limits(config, categories, batch)
+    return -limits + 2 * limits * torch.rand(batch, dtype=torch.float64) if config.rotation_p > 0 else None
 
 
 def _crop_windows(bboxes: Tensor, uniform: Tensor, size: tuple[int, int]) -> Tensor:

@@ -36,6 +36,9 @@ SELECTION_ALPHA = 0.1
 """Validation PCK at this alpha (per image) ranks checkpoints and sweep trials."""
 
 Precision = Literal["auto", "bf16", "fp32"]
+ValFrame = Literal["original", "resized"]
+"""The PCK frames of :mod:`sm_eval.pck` (``FRAMES``), named here so that reading a config needs no torch."""
+PairDraws = Literal["independent", "official"]
 OptimizerName = Literal["adam", "adamw", "sgd"]
 
 
@@ -64,7 +67,13 @@ class AugmentConfig:
     """Every probability and range of :class:`sm_train.augment.PairAugmentation`; defaults are the official values.
 
     ``enabled=False`` turns the whole augmentation off (the inputs are returned as they are).
-    Probabilities are per image.
+    Probabilities are per image, except the geometry's under ``pair_draws="official"``.
+
+    ``pair_draws``: how source and target of a pair draw their geometry. ``independent`` (default):
+    each image draws its own crop and rotation. ``official`` (the official code, used by the paper
+    configs): the crop is all-or-nothing for the pair (``crop_p`` per pair; each side still draws
+    its own window), and a rotated pair (``rotation_p`` per pair) turns the source only, the target
+    only, or both by the same angle, a third each. Appearance is per image in both.
 
     Pairs: ``exchange_p`` (swap source and target; official PF-PASCAL 0.5, otherwise 0).
     Geometry: ``crop_p`` (crop keeping the object bbox, resized back), ``rotation_p`` with
@@ -82,6 +91,7 @@ class AugmentConfig:
     """
 
     enabled: bool = True
+    pair_draws: PairDraws = "independent"
     exchange_p: float = 0.0
     crop_p: float = 0.5
     rotation_p: float = 0.5
@@ -154,7 +164,10 @@ class LoopConfig:
     ``precision``: ``auto`` is bfloat16 autocast on GPU and float32 on CPU.
     ``checkpoint_every_steps``: extra mid-epoch checkpoints (0: at the end of each epoch only).
     ``max_steps_per_epoch`` shortens epochs for smoke runs (``None``: the whole split).
-    ``val_alphas``: PCK thresholds reported each epoch; they must hold :data:`SELECTION_ALPHA`."""
+    ``val_alphas``: PCK thresholds reported each epoch; they must hold :data:`SELECTION_ALPHA`.
+    ``val_frame``: the frame validation PCK is measured in (:mod:`sm_eval.pck`): ``original`` image
+    pixels, or ``resized``, the ``S x S`` network input in which the official code picks
+    ``best_model.pth``; the metric names (``val/pck@...``) are the same in both."""
 
     epochs: int = 10
     batch_size: int = 8
@@ -164,6 +177,7 @@ class LoopConfig:
     checkpoint_every_steps: int = 0
     max_steps_per_epoch: int | None = None
     val_alphas: tuple[float, ...] = (0.05, 0.1, 0.15)
+    val_frame: ValFrame = "original"
 
     def __post_init__(self) -> None:
         require(self, "epochs batch_size log_every_steps max_steps_per_epoch", AT_LEAST_ONE)

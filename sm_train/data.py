@@ -1,5 +1,6 @@
 """Training pairs from shards to network-ready batches (:mod:`sm_model.batches`): exact per-rank
-epoch plans, CPU decoding and resizing in DataLoader workers.
+epoch plans, CPU decoding and resizing in DataLoader processes, batches in the same order for any
+number of them.
 
     >>> plan = plan_epoch(split_shards(shards, "trn"), world_size=2, seed=0, epoch=3)
     >>> for batch in pair_batches(shards, plan.ranks[rank], image_size=252, batch_size=8, ...):
@@ -18,12 +19,13 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from functools import partial
 
-from pipelines.reader import ShardSlice, pair_dataset
-from pipelines.schema import PairSample
+import torch
+
+from pipelines.reader import ShardSlice, entry_order, shuffle_pairs
 from pipelines.storage import Location
-from sm_model.batches import PairBatch, PreparedPair, collate_pairs, prepare_pair, stream_loader
+from sm_model.batches import PairBatch, PairRef, assemble_batch, pair_refs, pins_memory, to_device
+from sm_model.config import ImageResize
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,7 @@ def pair_batches(
     *,
     image_size: int,
     batch_size: int,
+    image_resize: ImageResize = "antialiased",
     loader_workers: int = 0,
     shuffle_buffer: int = 0,
     seed: int = 0,
@@ -84,28 +87,50 @@ def pair_batches(
     split_nodes: bool = True,
     max_batches: int | None = None,
     skip_batches: int = 0,
+    device: torch.device | str | None = None,
 ) -> Iterator[PairBatch]:
-    """Batches of the pairs in ``entries`` (see :func:`pipelines.reader.pair_dataset` for the
-    order, shuffling and splitting), decoded and resized by ``loader_workers`` processes
-    (started with forkserver: forking inside Ray workers can deadlock) and batched in this process.
+    """Batches of the pairs in ``entries``, in the order :func:`pipelines.reader.pair_dataset`
+    yields them in one process (its shard order, shuffling and splitting), read, checked and
+    resized (``image_resize``, the model's) by ``loader_workers`` processes
+    (:func:`sm_model.batches.pair_refs`; forkserver: forking inside Ray workers can deadlock) and
+    assembled here. The batches do not depend on ``loader_workers``: the same seed, epoch and
+    position give the same batches, byte for byte, with any number of loader processes.
 
     With ``max_batches`` only full batches are yielded, at most that many (training); otherwise
     every pair is yielded and the last batch may be short (evaluation). ``skip_batches`` drops the
-    first batches of the stream (resuming mid-epoch; the order is deterministic for a fixed
-    ``loader_workers``)."""
+    first batches of the stream (resuming mid-epoch). With a CUDA ``device`` the batches come on
+    it, each copied while the previous one is in use (:func:`sm_model.batches.to_device`)."""
     if not entries:
         return
-    dataset = pair_dataset(
-        shards, entries, shuffle_buffer=shuffle_buffer, seed=seed, epoch=epoch, split_nodes=split_nodes
-    ).compose(partial(_prepare_all, image_size=image_size))
-    pending: list[PreparedPair] = []
+    shuffle = shuffle_buffer > 0
+    ordered = entry_order(shards, entries, shuffle=shuffle, seed=seed, epoch=epoch, split_nodes=split_nodes)
+    refs: Iterator[PairRef] = iter(())
+    if ordered:
+        refs = pair_refs(
+            shards, ordered, image_size=image_size, image_resize=image_resize, loader_workers=loader_workers
+        )
+    if shuffle:
+        refs = shuffle_pairs(refs, shuffle_buffer, seed + epoch)
+    batches = _cut(refs, shards, batch_size, max_batches, skip_batches, pins_memory(device))
+    yield from to_device(batches, device)
+
+
+def _cut(
+    refs: Iterator[PairRef],
+    shards: Location,
+    batch_size: int,
+    max_batches: int | None,
+    skip_batches: int,
+    pin_memory: bool,
+) -> Iterator[PairBatch]:
+    pending: list[PairRef] = []
     produced = 0
-    for pair in stream_loader(dataset, loader_workers):
-        pending.append(pair)
+    for ref in refs:
+        pending.append(ref)
         if len(pending) < batch_size:
             continue
         if produced >= skip_batches:
-            yield collate_pairs(pending)
+            yield assemble_batch(pending, pin_memory)
         pending, produced = [], produced + 1
         if max_batches is not None and produced >= max_batches:
             return
@@ -116,9 +141,4 @@ def pair_batches(
             f"{max_batches}; do the shards still match their index.parquet?"
         )
     if pending and produced >= skip_batches:
-        yield collate_pairs(pending)
-
-
-def _prepare_all(samples: Iterator[PairSample], image_size: int) -> Iterator[PreparedPair]:
-    for sample in samples:
-        yield prepare_pair(sample, image_size)
+        yield assemble_batch(pending, pin_memory)

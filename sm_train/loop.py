@@ -25,15 +25,13 @@ from typing import Any
 
 import numpy as np
 import pyarrow.fs
-import ray.train
-import ray.train.torch
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from pipelines.reader import split_shards
 from pipelines.storage import Location
-from sm_eval.pck import KeypointRecords, summarize
+from sm_eval.pck import KeypointRecords, records_in_frame, summarize
 from sm_eval.predict import predict_records
 from sm_model.batches import PairBatch
 from sm_model.checkpoint import MODEL_FILE, load_checkpoint, save_checkpoint
@@ -64,6 +62,8 @@ class Position:
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point; ``loop_config = {"config": to_dict(TrainConfig)}``."""
+    import ray.train.torch  # here, not at the top: the step functions run where Ray is not installed
+
     config: TrainConfig = from_dict(TrainConfig, loop_config["config"], "train_loop_config")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     context = ray.train.get_context()
@@ -120,6 +120,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             plan.ranks[rank],
             image_size=config.model.image_size,
             batch_size=config.train.batch_size,
+            image_resize=config.model.image_resize,
             loader_workers=config.data.loader_workers,
             shuffle_buffer=config.data.shuffle_buffer,
             seed=config.train.seed,
@@ -127,6 +128,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             split_nodes=False,
             max_batches=steps,
             skip_batches=position.step,
+            device=device,
         )
         for batch in batches:
             batch = batch.to(device, non_blocking=True)
@@ -185,13 +187,18 @@ def train_step(
     size = config.model.image_size
     batch = augment.exchange(batch)
     categories = [meta.category for meta in batch.meta]
-    src_kps = original_to_input_pixels(batch.src_kps, batch.src_size, size)
-    trg_kps = original_to_input_pixels(batch.trg_kps, batch.trg_size, size)
-    src_bbox = original_to_input_pixels(batch.src_bbox.view(-1, 2, 2), batch.src_size, size).view(-1, 4)
-    trg_bbox = original_to_input_pixels(batch.trg_bbox.view(-1, 2, 2), batch.trg_size, size).view(-1, 4)
+    convention = config.model.pixel_convention  # the model's: its predictions are in that frame
+    src_kps = original_to_input_pixels(batch.src_kps, batch.src_size, size, convention)
+    trg_kps = original_to_input_pixels(batch.trg_kps, batch.trg_size, size, convention)
+    src_bbox = original_to_input_pixels(batch.src_bbox.view(-1, 2, 2), batch.src_size, size, convention).view(-1, 4)
+    trg_bbox = original_to_input_pixels(batch.trg_bbox.view(-1, 2, 2), batch.trg_size, size, convention).view(-1, 4)
     with torch.no_grad():
-        src, src_kps, src_in = augment(batch.src_image.float() / 255, src_kps, src_bbox, categories)
-        trg, trg_kps, trg_in = augment(batch.trg_image.float() / 255, trg_kps, trg_bbox, categories)
+        # augment.pair_draws decides whether the geometry is drawn per image or once per pair.
+        (src, src_kps, src_in), (trg, trg_kps, trg_in) = augment.pair(
+            (batch.src_image.float() / 255, src_kps, src_bbox),
+            (batch.trg_image.float() / 255, trg_kps, trg_bbox),
+            categories,
+        )
     valid = batch.valid & src_in & trg_in
     with torch.autocast(src.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
         predictions = trained(normalize_images(src), normalize_images(trg), src_kps, valid)
@@ -223,7 +230,8 @@ def validation_metrics(
 ) -> dict[str, float]:
     """PCK on the val split: every worker predicts its share of the shards (split by rank), the
     per-keypoint records are gathered, and every rank returns the same metrics
-    (``val/pck@<alpha>`` per image, ``val/pck_kp@<alpha>`` per keypoint)."""
+    (``val/pck@<alpha>`` per image, ``val/pck_kp@<alpha>`` per keypoint) in the frame
+    ``train.val_frame``."""
     if not val_shards:
         return {}
     batches = pair_batches(
@@ -231,14 +239,17 @@ def validation_metrics(
         val_shards,
         image_size=config.model.image_size,
         batch_size=config.data.val_batch_size,
+        image_resize=config.model.image_resize,
         loader_workers=config.data.loader_workers,
+        device=device,
     )
     mine = predict_records(model, batches, device, autocast_dtype=autocast_dtype)
     gathered = _all_gather(mine.to_dict() if mine is not None else None)
     records = [KeypointRecords.from_dict(part) for part in gathered if part is not None]
     if not records:
         return {}
-    summary = summarize(KeypointRecords.concat(records), config.train.val_alphas)["overall"]
+    gathered_records = records_in_frame(KeypointRecords.concat(records), config.train.val_frame)
+    summary = summarize(gathered_records, config.train.val_alphas)["overall"]
     metrics = {}
     for alpha, per_image, per_keypoint in zip(config.train.val_alphas, summary["per_image"], summary["per_keypoint"]):
         metrics[val_metric(alpha)] = per_image
@@ -291,6 +302,8 @@ def _report(
 ) -> None:
     """Report ``metrics`` with a checkpoint of the current state (written by rank 0 only; every
     rank calls this, because ``ray.train.report`` is a barrier)."""
+    import ray.train
+
     metrics = {**metrics, "step": position.global_step, "epoch_step": position.step, "resumes": position.resumes}
     name = f"epoch={position.epoch:04d}-step={position.step:06d}"
     with tempfile.TemporaryDirectory() as directory:

@@ -1,7 +1,7 @@
 """sm_train.augment: keypoints follow the image exactly under the pixel-centre convention, the crop
 keeps the object box, out-of-frame and padded keypoints are masked, probabilities and seeds are
-respected, the disabled augmentation is the identity, wide-rotation categories and the pair
-exchange."""
+respected, the disabled augmentation is the identity, wide-rotation categories, the pair
+exchange, and the pair-level draws (independent, or the official frequencies)."""
 
 from __future__ import annotations
 
@@ -361,6 +361,95 @@ def test_exchange_swaps_whole_sides_with_its_probability() -> None:
         source = batch.trg_kps[i] if exchanged[i] else batch.src_kps[i]
         size = batch.trg_size[i] if exchanged[i] else batch.src_size[i]
         assert torch.equal(half.src_kps[i], source) and torch.equal(half.src_size[i], size)
+
+
+# --- pair-level draws: independent (two calls) or official (crop both or neither; rotate src / trg / both) ---
+
+PAIRS = 30_000
+
+
+def _binomial(count: int, trials: int, p: float, sigmas: float = 5.0) -> bool:
+    """``count`` successes in ``trials`` is within ``sigmas`` standard deviations of ``trials * p``."""
+    return abs(count - trials * p) <= sigmas * math.sqrt(trials * p * (1 - p))
+
+
+def _identical(first: torch.Tensor, second: torch.Tensor) -> bool:
+    if first.is_floating_point():
+        return torch.equal(first.nan_to_num(-1), second.nan_to_num(-1))
+    return torch.equal(first, second)
+
+
+def test_independent_pair_draws_are_the_two_calls_of_before_bit_for_bit() -> None:
+    images, kps, bboxes = _inputs()
+    target = (images.flip(0), kps.flip(0), bboxes + 1)
+    categories = ["bottle", "cat"] * 4
+    config = dataclasses.replace(
+        AugmentConfig(wide_rotation_categories=("bottle",)), **dict.fromkeys(PROBABILITIES, 0.6)
+    )
+    augment = PairAugmentation(config)
+    assert config.pair_draws == "independent"  # the default
+    torch.manual_seed(7)
+    expected = (augment(images, kps, bboxes, categories), augment(*target, categories))
+    torch.manual_seed(7)
+    got = augment.pair((images, kps, bboxes), target, categories)
+    for side_expected, side_got in zip(expected, got, strict=True):
+        assert all(_identical(a, b) for a, b in zip(side_expected, side_got, strict=True))
+
+
+def test_official_pair_draws_have_the_official_frequencies() -> None:
+    augment = PairAugmentation(AugmentConfig(pair_draws="official"))  # crop_p = rotation_p = 0.5
+    torch.manual_seed(0)
+    src, trg = augment.draw_pair_geometry(PAIRS)
+    # The crop is all-or-nothing for the pair, half of the pairs; each side has its own window.
+    assert torch.equal(src.cropped, trg.cropped) and _binomial(int(src.cropped.sum()), PAIRS, 0.5)
+    assert (src.crop_uniform != trg.crop_uniform).all()
+    # Rotation: none for half of the pairs, else the source only, the target only or both, a sixth each.
+    turned = {
+        "none": ~src.rotated & ~trg.rotated,
+        "source only": src.rotated & ~trg.rotated,
+        "target only": ~src.rotated & trg.rotated,
+        "both": src.rotated & trg.rotated,
+    }
+    counts = {name: int(mask.sum()) for name, mask in turned.items()}
+    assert sum(counts.values()) == PAIRS
+    assert _binomial(counts["none"], PAIRS, 1 / 2), counts
+    assert all(_binomial(counts[name], PAIRS, 1 / 6) for name in ("source only", "target only", "both")), counts
+    assert torch.equal(src.angles, trg.angles)  # one angle per pair: equal whenever both turn
+    assert src.angles.abs().max() <= 30.0
+    # Crop and rotation are drawn independently of each other.
+    assert _binomial(int((src.cropped & (src.rotated | trg.rotated)).sum()), PAIRS, 1 / 4)
+
+    # Independent draws, for contrast, crop one side only in half of the pairs.
+    independent = PairAugmentation(AugmentConfig())
+    torch.manual_seed(0)
+    first, second = independent.draw_geometry(PAIRS), independent.draw_geometry(PAIRS)
+    assert _binomial(int((first.cropped != second.cropped).sum()), PAIRS, 0.5)
+
+
+def test_official_pair_draws_move_the_images_as_drawn() -> None:
+    # The same inputs on both sides: a pair turned on both sides by one angle comes out twice the same.
+    pairs, side = 3000, 8
+    generator = torch.Generator().manual_seed(4)
+    images = torch.rand(pairs, 3, side, side, generator=generator)
+    kps = torch.rand(pairs, 2, 2, generator=generator) * 4 + 2
+    bboxes = torch.tensor([[2.0, 2.0, 5.0, 5.0]] * pairs)
+    for name, config in (("rotation", only(rotation_p=0.5)), ("crop", only(crop_p=0.5))):
+        augment = PairAugmentation(dataclasses.replace(config, pair_draws="official"))
+        torch.manual_seed(1)
+        (src, src_kps, _), (trg, trg_kps, _) = augment.pair((images, kps, bboxes), (images, kps, bboxes))
+        src_moved, trg_moved = (src_kps != kps).any(-1).any(-1), (trg_kps != kps).any(-1).any(-1)
+        both, neither = src_moved & trg_moved, ~src_moved & ~trg_moved
+        assert torch.equal(src[both], trg[both]) == (name == "rotation")  # crops draw a window per side
+        assert torch.equal(src[~src_moved], images[~src_moved]) and torch.equal(trg[~trg_moved], images[~trg_moved])
+        assert _binomial(int(neither.sum()), pairs, 0.5), name
+        one_side = int((src_moved & ~trg_moved).sum()), int((~src_moved & trg_moved).sum())
+        if name == "crop":
+            assert one_side == (0, 0)
+        else:
+            assert torch.equal(src_kps[both], trg_kps[both])
+            assert all(_binomial(count, pairs, 1 / 6) for count in (*one_side, int(both.sum()))), one_side
+    with pytest.raises(ValueError, match="geometry drawn for 3 samples, applied to 8"):
+        augment(*_inputs(), draws=augment.draw_pair_geometry(3)[0])
 
 
 # --- appearance functions ----------------------------------------------------------------------------------

@@ -27,9 +27,9 @@ from pipelines.storage import Location
 from sm_eval.__main__ import main
 from sm_eval.checkpoints import read_checkpoint_file
 from sm_eval.evaluate import EvalRequest, evaluate
-from sm_eval.pck import KeypointRecords, summarize
+from sm_eval.pck import FRAMES, KeypointRecords, records_in_frame, summarize
 from sm_eval.plan import canonical_order, read_split_plan
-from sm_eval.report import AVERAGE_LABELS, AVERAGES, percent
+from sm_eval.report import AVERAGE_LABELS, AVERAGES, frame_label, percent
 from sm_eval.runner import EvalSettings, worker_records
 from sm_model.checkpoint import save_checkpoint
 from sm_model.config import ModelConfig
@@ -80,31 +80,41 @@ def test_outputs_exist_and_agree_with_report_json(single_run: tuple[Path, dict],
     data = report["data"]
     assert (data["pairs"], data["split"], data["datasets"]) == (plan.num_pairs, "test", ["demo"])
     assert data["shards_read"] == len(plan.shard_counts) == 5
-    assert report["protocol"]["rule"] == "<=" and report["protocol"]["frame"] == "original"
+    assert report["protocol"]["rule"] == "<=" and report["protocol"]["figure_frame"] == "original"
+    assert list(report["protocol"]["frames"]) == ["original", "resized"]
     assert report["protocol"]["threshold_kinds"] == ["bbox"] and report["alphas"] == list(ALPHAS)
 
     records = records_of(out / "predictions.parquet")
     assert len(records) == data["keypoints"]
     assert list(dict.fromkeys(records.pair_key)) == list(plan.pair_keys)  # index order
     (model,) = report["models"]
-    results = model["results"]
-    # Anyone can recompute every number from predictions.parquet.
-    assert summarize(records, ALPHAS) == {key: value for key, value in results.items() if key != "curve"}
+    assert list(model["results"]) == list(FRAMES)
+    # Anyone can recompute every number, in both frames, from predictions.parquet.
+    assert set(records.frame) == {"original"} and set(records.input_size) == {TINY.image_size}
+    for frame in FRAMES:
+        expected = summarize(records_in_frame(records, frame), ALPHAS)
+        assert expected == {key: value for key, value in model["results"][frame].items() if key != "curve"}
+    assert model["results"]["resized"]["protocol"]["frame"] == f"resized-{TINY.image_size}"
 
     markdown = (out / "report.md").read_text()
     categories = markdown_table(markdown, "PCK@0.1 per category (%)")
-    names = categories[0][2:-1]
+    names = categories[0][3:-1]
     assert names == sorted(data["categories"]) and categories[0][-1] == "all"
-    for row, average in zip(categories[2:], AVERAGES):
-        assert row[:2] == [model["name"], AVERAGE_LABELS[average]]
-        expected = [results["per_category"][c][average][1] for c in names] + [results["overall"][average][1]]
-        assert row[2:] == [percent(v) for v in expected]
-    alphas = markdown_table(markdown, "PCK per alpha over all pairs (%)")
-    assert alphas[1][2:] == [percent(v) for v in results["overall"]["per_image"]]
-    assert alphas[2][2:] == [percent(v) for v in results["overall"]["per_keypoint"]]
+    rows = iter(categories[2:])
+    alphas = iter(markdown_table(markdown, "PCK per alpha over all pairs (%)")[1:])
+    for frame in FRAMES:
+        results, label = model["results"][frame], frame_label(frame, TINY.image_size)
+        for average in AVERAGES:
+            row = next(rows)
+            assert row[:3] == [model["name"], label, AVERAGE_LABELS[average]]
+            expected = [results["per_category"][c][average][1] for c in names] + [results["overall"][average][1]]
+            assert row[3:] == [percent(v) for v in expected]
+            assert next(alphas)[3:] == [percent(v) for v in results["overall"][average]]
     flags = markdown_table(markdown, "PCK@0.1 per difficulty flag (%)")
-    for flag, value, pairs, per_image, per_keypoint in flags[1:]:
-        scores = results["per_flag"][flag][int(value)]
+    assert len(flags) > 1
+    for flag, value, pairs, label, per_image, per_keypoint in flags[1:]:
+        frame = "original" if label == "original" else "resized"
+        scores = model["results"][frame]["per_flag"][flag][int(value)]
         assert [int(pairs), per_image, per_keypoint] == [
             scores["n_pairs"], percent(scores["per_image"][1]), percent(scores["per_keypoint"][1])
         ]  # fmt: skip
@@ -275,19 +285,28 @@ def test_cli_end_to_end_in_resized_frame_with_the_strict_rule(
     assert completed.returncode == 0, completed.stderr
     assert "pair/s" in completed.stderr  # the progress bar
     report = json.loads((out / "report.json").read_text())
-    assert report["protocol"]["rule"] == "<" and report["protocol"]["record_frame"] == "resized-28"
-    pck = percent(report["models"][0]["results"]["overall"]["per_image"][1])
-    assert "per image" in completed.stdout and pck in completed.stdout
+    assert report["protocol"]["rule"] == "<" and report["protocol"]["figure_frame"] == "resized"
+    assert report["protocol"]["record_frame"] == "original"
+    for frame in FRAMES:
+        pck = percent(report["models"][0]["results"][frame]["overall"]["per_image"][1])
+        assert pck in completed.stdout
+    assert "per image" in completed.stdout and "resized 28x28" in completed.stdout
     assert "(hit rule `<`)" in (out / "report.md").read_text()
-    # The resized frame is the original frame's records moved into the 28 x 28 square, exactly.
-    resized, original = records_of(out / "predictions.parquet"), records_of(single_run[0] / "predictions.parquet")
+    # predictions.parquet stays in the original frame whatever --frame says ...
+    assert pq.read_table(out / "predictions.parquet").equals(pq.read_table(single_run[0] / "predictions.parquet"))
+    # ... and the resized frame is its records moved into the 28 x 28 square, exactly.
+    original = records_of(out / "predictions.parquet")
+    resized = records_in_frame(original, "resized")
     plan = read_split_plan(Location(str(demo_shards)), "test")
     trg_sizes = {sample.key: sample.trg_size for sample in pair_dataset(plan.shards, list(plan.shard_counts))}
     for key in list(plan.pair_keys)[:10]:
         rows = original.pair_key == key
+        assert (original.trg_width[rows][0], original.trg_height[rows][0]) == trg_sizes[key]
         pred = np.stack([original.pred_x[rows], original.pred_y[rows]], axis=1)
         moved = to_resized_square(pred, trg_sizes[key], 28)
         np.testing.assert_array_equal(moved, np.stack([resized.pred_x[rows], resized.pred_y[rows]], axis=1))
+    expected = json.loads(json.dumps(summarize(resized, (0.05, 0.1, 0.15), "<")))  # flag values as JSON keys
+    assert {k: v for k, v in report["models"][0]["results"]["resized"].items() if k != "curve"} == expected
 
 
 def test_cli_usage_and_data_errors_exit_codes(demo_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

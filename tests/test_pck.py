@@ -171,7 +171,7 @@ def test_resized_frame_distorts_threshold_and_distance() -> None:
     pred = np.array([[89.5, 49.5], [49.5, 69.5]])  # 40 px right, 20 px down
     bbox = np.array([9.5, 19.5, 109.5, 59.5])
     args = ("p", "c", pred, gt, np.ones(2, dtype=bool), np.arange(2), "bbox", bbox, (200, 100))
-    original = records_for_pair(*args)
+    original = records_for_pair(*args, square=100)  # carries S, so it concatenates with the resized records
     resized = records_for_pair(*args, frame="resized", square=100)
     assert original.threshold_base.tolist() == [100.0, 100.0]
     assert resized.threshold_base.tolist() == [50.0, 50.0]

@@ -287,6 +287,8 @@ def test_official_dinov2_lora_checkpoint(tmp_path: Path, caplog: pytest.LogCaptu
         load_official_checkpoint(target, tmp_path / "best_model.pth")
     assert "trans_conv2.bias" in caplog.text
     _assert_same_state(source, target)
+    assert (target.config.pixel_convention, target.config.image_resize) == ("official", "official")
+    source.config = target.config  # the released weights predict in the official convention
     for expected, loaded in zip(_run(source, 56), _run(target, 56), strict=True):
         torch.testing.assert_close(loaded, expected, rtol=0, atol=0)
 
@@ -321,6 +323,7 @@ def test_official_ibot_full_checkpoint(tmp_path: Path) -> None:
     target.to_empty(device="cpu")
     load_official_checkpoint(target, tmp_path / "best_model.pth")
     _assert_same_state(source, target)
+    source.config = target.config  # the official pixel convention, set by load_official_checkpoint
     for expected, loaded in zip(_run(source, 64), _run(target, 64), strict=True):
         torch.testing.assert_close(loaded, expected, rtol=0, atol=0)
 

@@ -3,15 +3,27 @@ range are rejected with a message naming the file and key, overrides and YAML ro
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
+from typing import get_args
 
 import pytest
+import torch
 
-from pipelines.storage import arrow_filesystem
+from pipelines.storage import Location, arrow_filesystem
+from sm_eval.pck import FRAMES
 from sm_model.config import ModelConfig, from_dict
 from sm_model.simplematch import SimpleMatch
-from sm_train.config import ConfigError, TrainConfig, config_keys, dump_yaml, load_config, resolve_paths
+from sm_train.config import (
+    ConfigError,
+    TrainConfig,
+    ValFrame,
+    config_keys,
+    dump_yaml,
+    load_config,
+    resolve_paths,
+)
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -40,6 +52,50 @@ def test_paper_settings_are_shipped() -> None:
     spair = load_config(CONFIGS[[p.stem for p in CONFIGS].index("dinov2_vitb14_252_spair")])
     assert (spair.optim.lr, spair.optim.lr_step_iterations, spair.optim.lr_gamma) == (6e-4, 800, 0.95)
     assert (spair.train.batch_size, spair.train.epochs, spair.model.window_size) == (8, 10, 45)
+
+
+def test_paper_configs_use_the_official_pair_draws_and_the_resized_val_frame() -> None:
+    assert get_args(ValFrame) == FRAMES  # the config's names are sm_eval.pck's frames
+    for path in CONFIGS:
+        config = load_config(path)
+        geometry = config.augment.crop_p > 0 or config.augment.rotation_p > 0
+        paper = path.stem != "demo"
+        assert config.augment.pair_draws == ("official" if paper and geometry else "independent"), path.stem
+        assert config.train.val_frame == ("resized" if paper else "original"), path.stem
+    with pytest.raises(ConfigError, match=r"train\.val_frame='square' is not one of \['original', 'resized'\]"):
+        load_config(None, ["train.val_frame=square"])
+    with pytest.raises(ConfigError, match=r"augment\.pair_draws='pairwise' is not one of"):
+        load_config(None, ["augment.pair_draws=pairwise"])
+
+
+def test_val_frame_picks_the_frame_of_validation_pck(demo_shards: Path) -> None:
+    from pipelines.reader import split_shards
+    from sm_eval.pck import records_in_frame, summarize
+    from sm_eval.predict import predict_records
+    from sm_train.data import pair_batches
+    from sm_train.loop import validation_metrics
+
+    torch.manual_seed(0)
+    tiny = ModelConfig(backbone="dinov2_vits14", image_size=28, decoder_channels=16, window_size=5)
+    model = SimpleMatch(tiny).eval()
+    shards = Location(str(demo_shards))
+    names = [name for name, count in split_shards(shards, "val").items() if count]
+    device = torch.device("cpu")
+    records = predict_records(
+        model, pair_batches(shards, names, image_size=28, batch_size=16, loader_workers=0), device
+    )
+    alphas = (0.05, 0.1, 0.15)
+    seen = []
+    for frame in FRAMES:
+        config = dataclasses.replace(
+            load_config(None, ["data.loader_workers=0", f"train.val_frame={frame}"]), model=tiny
+        )
+        metrics = validation_metrics(model, shards, names, config, device, None)
+        overall = summarize(records_in_frame(records, frame), alphas)["overall"]
+        assert [metrics[f"val/pck@{a:g}"] for a in alphas] == overall["per_image"]
+        assert [metrics[f"val/pck_kp@{a:g}"] for a in alphas] == overall["per_keypoint"]
+        seen.append(overall["per_keypoint"])
+    assert seen[0] != seen[1]  # the frames score differently
 
 
 def test_unknown_key_names_file_key_and_suggestion(tmp_path: Path) -> None:

@@ -26,8 +26,8 @@ padded with a validity mask (:class:`PairBatch`). The data path:
 4. :func:`to_device` moves each batch to the GPU on a side stream while the previous one is in use.
 
 So a batch is the same, byte for byte, with any number of loader processes, and the same as
-:func:`collate_pairs` of :func:`prepare_pair` of the same pairs (the per-pair path, kept as the
-reference).
+the per-pair path it replaced (each pair resized and batched on its own; ``tests/per_pair.py``
+keeps it as the reference the tests compare with).
 """
 
 from __future__ import annotations
@@ -74,23 +74,6 @@ class PairMeta:
 
 
 @dataclass
-class PreparedPair:
-    """One pair after CPU preprocessing: ``src_image``/``trg_image`` ``[3, S, S]`` uint8; the
-    rest in original pixels as float32 tensors (``kps`` ``[N, 2]``, ``bbox`` ``[4]``) and
-    ``size`` ``[2]`` int64 ``(W, H)``."""
-
-    src_image: Tensor
-    trg_image: Tensor
-    src_kps: Tensor
-    trg_kps: Tensor
-    src_bbox: Tensor
-    trg_bbox: Tensor
-    src_size: Tensor
-    trg_size: Tensor
-    meta: PairMeta
-
-
-@dataclass
 class PairBatch:
     """A batch of ``B`` pairs padded to the largest keypoint count ``N`` of the batch.
 
@@ -122,58 +105,6 @@ class PairBatch:
             if isinstance(getattr(self, f.name), Tensor)
         }
         return PairBatch(**moved, meta=self.meta)
-
-
-def prepare_pair(sample: PairSample, image_size: int, image_resize: ImageResize = "antialiased") -> PreparedPair:
-    """CPU preprocessing of one pair: both images resized (``image_resize``, the model's
-    ``ModelConfig.image_resize``), the rest converted as :class:`PreparedPair` says."""
-    meta = PairMeta(
-        key=sample.key,
-        dataset=sample.dataset,
-        category=sample.category,
-        threshold=sample.threshold,
-        kps_ids=sample.kps_ids,
-        trg_kps=sample.trg_kps,
-        trg_bbox=sample.trg_bbox,
-        trg_size=sample.trg_size,
-        extras=sample.extras,
-    )
-    return PreparedPair(
-        src_image=resize_image(sample.src_image, image_size, image_resize),
-        trg_image=resize_image(sample.trg_image, image_size, image_resize),
-        src_kps=torch.from_numpy(sample.src_kps).float(),
-        trg_kps=torch.from_numpy(sample.trg_kps).float(),
-        src_bbox=torch.from_numpy(sample.src_bbox).float(),
-        trg_bbox=torch.from_numpy(sample.trg_bbox).float(),
-        src_size=torch.tensor(sample.src_size, dtype=torch.int64),
-        trg_size=torch.tensor(sample.trg_size, dtype=torch.int64),
-        meta=meta,
-    )
-
-
-def collate_pairs(pairs: Sequence[PreparedPair]) -> PairBatch:
-    """Stack prepared pairs, padding keypoints with NaN to the batch's largest count."""
-    if not pairs:
-        raise ValueError("collate_pairs needs at least one pair")
-    most = max(len(pair.src_kps) for pair in pairs)
-    src_kps = torch.full((len(pairs), most, 2), float("nan"))
-    trg_kps = torch.full((len(pairs), most, 2), float("nan"))
-    valid = torch.zeros(len(pairs), most, dtype=torch.bool)
-    for row, pair in enumerate(pairs):
-        count = len(pair.src_kps)
-        src_kps[row, :count], trg_kps[row, :count], valid[row, :count] = pair.src_kps, pair.trg_kps, True
-    return PairBatch(
-        src_image=torch.stack([pair.src_image for pair in pairs]),
-        trg_image=torch.stack([pair.trg_image for pair in pairs]),
-        src_kps=src_kps,
-        trg_kps=trg_kps,
-        valid=valid,
-        src_bbox=torch.stack([pair.src_bbox for pair in pairs]),
-        trg_bbox=torch.stack([pair.trg_bbox for pair in pairs]),
-        src_size=torch.stack([pair.src_size for pair in pairs]),
-        trg_size=torch.stack([pair.trg_size for pair in pairs]),
-        meta=[pair.meta for pair in pairs],
-    )
 
 
 # ---- pieces: what each loader process reads -----------------------------------------------------
@@ -434,7 +365,7 @@ def _in_piece_order(chunks: Iterator[PairChunk], pieces: int) -> Iterator[PairCh
 def assemble_batch(refs: Sequence[PairRef], pin_memory: bool = False) -> PairBatch:
     """The batch of the pairs ``refs``: their images copied out of the piece tables (into pinned
     memory with ``pin_memory``, for an asynchronous copy to a GPU), the rest gathered from their
-    chunks, with the values :func:`prepare_pair` and :func:`collate_pairs` give (the same bytes)."""
+    chunks, with the values the per-pair path gives (the same bytes; ``tests/per_pair.py``)."""
     if not refs:
         raise ValueError("assemble_batch needs at least one pair")
     held: dict[_ChunkRows, int] = {}  # the chunks the batch takes pairs from -> their first pair, end to end

@@ -15,8 +15,9 @@ from sm_eval.pck import (
     summarize,
 )
 from sm_eval.predict import batch_records
-from sm_model.batches import PairMeta, PreparedPair, collate_pairs
+from sm_model.batches import PairMeta
 from sm_model.pixels import from_resized_square, to_resized_square
+from tests.per_pair import PreparedPair, collate_pairs
 
 
 def row_pair(key: str, category: str, kind: str, distances: list[float], size=(640, 480), bbox=(0, 0, 10, 10)):

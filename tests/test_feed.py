@@ -31,17 +31,16 @@ from sm_eval.runner import EvalSettings
 from sm_model.batches import (
     PairBatch,
     assemble_batch,
-    collate_pairs,
     pair_refs,
     pins_memory,
     plan_pieces,
-    prepare_pair,
     to_device,
 )
 from sm_model.checkpoint import save_checkpoint
 from sm_model.config import ModelConfig
 from sm_model.simplematch import SimpleMatch
 from sm_train.data import pair_batches, plan_epoch
+from tests.per_pair import collate_pairs, prepare_pair
 
 SIZE = 28
 

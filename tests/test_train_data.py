@@ -12,9 +12,9 @@ import torch
 
 from pipelines.reader import ShardSlice, pair_dataset, split_shards
 from pipelines.storage import Location
-from sm_model.batches import collate_pairs, prepare_pair
 from sm_model.pixels import normalize_images
 from sm_train.data import pair_batches, plan_epoch
+from tests.per_pair import collate_pairs, prepare_pair
 
 
 def _flatten(counts: dict[str, int], slices: list[ShardSlice]) -> list[tuple[str, int]]:

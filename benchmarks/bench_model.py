@@ -60,12 +60,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from sm_model.config import ModelConfig
 from sm_model.loss import keypoint_loss
-from sm_model.matching import (
-    cosine_similarity,
-    dense_soft_argmax,
-    sample_keypoint_features,
-    window_soft_argmax,
-)
+from sm_model.localizers import dense_soft_argmax, window_soft_argmax
+from sm_model.matching import cosine_similarity, sample_keypoint_features
 from sm_model.pixels import cells_to_pixels, pixels_to_cells
 from sm_model.simplematch import SimpleMatch
 

@@ -26,10 +26,10 @@ from sm_eval.pck import FLAG_COLUMNS, KeypointRecords, records_for_pair
 from sm_model.batches import PairBatch, PairRef, assemble_batch, pair_refs, pins_memory, to_device
 from sm_model.config import ImageResize
 from sm_model.pixels import normalize_images
-from sm_model.simplematch import SimpleMatch
+from sm_model.matcher import MatchModel
 
 
-def predict_batch(model: SimpleMatch, batch: PairBatch, autocast_dtype: torch.dtype | None = None):
+def predict_batch(model: MatchModel, batch: PairBatch, autocast_dtype: torch.dtype | None = None):
     """Target keypoints ``[B, N, 2]`` float32 in original target pixels (on the batch's device)
     for a batch already on the model's device; ``autocast_dtype`` (e.g. ``torch.bfloat16``) runs
     the network under autocast."""
@@ -40,7 +40,7 @@ def predict_batch(model: SimpleMatch, batch: PairBatch, autocast_dtype: torch.dt
 
 
 def batch_records(
-    model: SimpleMatch,
+    model: MatchModel,
     batch: PairBatch,
     autocast_dtype: torch.dtype | None = None,
 ) -> KeypointRecords:
@@ -51,7 +51,7 @@ def batch_records(
 
 
 def stream_records(
-    model: SimpleMatch, batches: Iterable[PairBatch], autocast_dtype: torch.dtype | None = None
+    model: MatchModel, batches: Iterable[PairBatch], autocast_dtype: torch.dtype | None = None
 ) -> Iterator[KeypointRecords]:
     """:func:`batch_records` of each of ``batches`` (on the model's device), the same records, with
     the prediction of each batch queued on the device before the records of the one before are
@@ -66,7 +66,7 @@ def stream_records(
         yield _records(*previous)
 
 
-def _launch(model: SimpleMatch, batch: PairBatch, autocast_dtype: torch.dtype | None):
+def _launch(model: MatchModel, batch: PairBatch, autocast_dtype: torch.dtype | None):
     """The prediction of ``batch`` queued, with its copy to the host (and of ``valid``) behind it."""
     pred = predict_batch(model, batch, autocast_dtype)
     if pred.device.type != "cuda":
@@ -108,7 +108,7 @@ def _batch_records(batch: PairBatch, pred: np.ndarray, valid: np.ndarray) -> Key
 
 
 def predict_records(
-    model: SimpleMatch,
+    model: MatchModel,
     batches: Iterable[PairBatch],
     device: torch.device,
     autocast_dtype: torch.dtype | None = None,

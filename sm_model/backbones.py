@@ -4,7 +4,7 @@ file) and fine-tuning mode (frozen, LoRA, last N blocks, full).
 
 A :class:`Backbone` maps ImageNet-normalised images [B, 3, H, W] to a list of feature maps, finest
 first: ViTs return the last transformer block's patch tokens [B, C, H/p, W/p] (no CLS or register
-tokens, no final LayerNorm, as the official SimpleMatch code); ResNet-101 returns its four stages
+tokens; no final LayerNorm, as the official SimpleMatch code, unless ``final_norm``); ResNets return their four stages
 at strides 4, 8, 16, 32."""
 
 from __future__ import annotations
@@ -135,18 +135,24 @@ def resample_positions_official(grid: torch.Tensor, old_size: tuple[int, int], n
 
 class ViTBackbone(Backbone):
     """A timm VisionTransformer; ``forward`` returns ``[tokens [B, C, H/p, W/p]]``: the last
-    block's patch tokens. The pretrained positional embedding keeps its native grid (37 x 37 for
+    block's patch tokens, after the final LayerNorm when ``final_norm``. The pretrained positional embedding keeps its native grid (37 x 37 for
     DINOv2, 14 x 14 for iBOT) and is resampled to the input's grid at each call, as
     ``position_resampling`` says (see :class:`sm_model.config.ModelConfig`)."""
 
     def __init__(
-        self, name: str, spec: BackboneSpec, encoder: nn.Module, position_resampling: PositionResampling = "official"
+        self,
+        name: str,
+        spec: BackboneSpec,
+        encoder: nn.Module,
+        position_resampling: PositionResampling = "official",
+        final_norm: bool = False,
     ) -> None:
-        # The features are read before the final LayerNorm (as the official code does), so drop it
-        # and the head: no parameter stays unused, which full fine-tuning under DDP requires.
-        encoder.prune_intermediate_layers(indices=1, prune_norm=True, prune_head=True)
+        # Drop the head, and the final LayerNorm unless the features are read after it (SimpleMatch
+        # reads them before): no parameter stays unused, which full fine-tuning under DDP requires.
+        encoder.prune_intermediate_layers(indices=1, prune_norm=not final_norm, prune_head=True)
         super().__init__(name, spec, encoder)
         self.position_resampling = position_resampling
+        self.final_norm = final_norm
 
     def tunable_blocks(self) -> list[nn.Module]:
         return list(self.encoder.blocks)
@@ -164,6 +170,8 @@ class ViTBackbone(Backbone):
         x = encoder.norm_pre(encoder.patch_drop(x))
         for block in encoder.blocks:
             x = block(x)
+        if self.final_norm:
+            x = encoder.norm(x)
         tokens = x[:, encoder.num_prefix_tokens :]
         return [tokens.reshape(batch, height, width, channels).permute(0, 3, 1, 2).contiguous()]
 
@@ -207,7 +215,9 @@ def build_backbone(cfg: ModelConfig) -> Backbone:
     _check_image_size(cfg.backbone, spec, cfg.image_size)
     encoder = _encoder_with_weights(cfg.backbone, spec, cfg.weights)
     if spec.kind == "vit":
-        backbone: Backbone = ViTBackbone(cfg.backbone, spec, encoder, cfg.position_resampling)
+        backbone: Backbone = ViTBackbone(cfg.backbone, spec, encoder, cfg.position_resampling, cfg.final_norm)
+    elif cfg.final_norm:
+        raise ValueError(f"final_norm needs a ViT backbone: {cfg.backbone} has no final LayerNorm")
     else:
         backbone = ResNetBackbone(cfg.backbone, spec, encoder)
     apply_finetune(backbone, cfg.finetune, cfg.finetune_blocks, cfg.lora_rank, cfg.lora_alpha)

@@ -1,7 +1,9 @@
-"""The checkpoint file format: the one place that writes and reads SimpleMatch checkpoints.
+"""The checkpoint file format: the one place that writes and reads model checkpoints, of any kind.
 
 A checkpoint is a ``torch.save`` file holding ``{"format": "simplematch-v1", "config":
-dataclasses.asdict(ModelConfig), "trainable_only": bool, "state_dict": ...}``; a checkpoint
+dataclasses.asdict(ModelConfig), "trainable_only": bool, "state_dict": ...}``; the config's
+``kind`` says which model of :mod:`sm_model.registry` to rebuild (absent in files written before
+there were kinds: ``simplematch``). A checkpoint
 directory (a Ray Train checkpoint) holds it as :data:`MODEL_FILE`. It is read with
 ``weights_only=True``, so no pickled code runs. The released ``best_model.pth`` files have another
 layout: :mod:`sm_model.official`.
@@ -22,7 +24,8 @@ import torch
 from torch import nn
 
 from sm_model.config import ModelConfig, from_dict
-from sm_model.simplematch import SimpleMatch
+from sm_model.matcher import MatchModel
+from sm_model.registry import build_model
 from sm_model.state_dicts import check_state
 
 logger = logging.getLogger(__name__)
@@ -32,6 +35,7 @@ MODEL_FILE = "model.pt"
 """The model file inside a checkpoint directory."""
 
 ARCHITECTURE_FIELDS = (
+    "kind",
     "backbone",
     "finetune",
     "finetune_blocks",
@@ -39,6 +43,7 @@ ARCHITECTURE_FIELDS = (
     "lora_alpha",
     "decoder_channels",
     "multiscale",
+    "final_norm",
 )
 """Config fields that decide the parameters (their names, shapes, trainability or meaning): a
 checkpoint only loads into a model that agrees on all of them. The other fields (``weights``,
@@ -65,7 +70,7 @@ def trainable_state_keys(model: nn.Module) -> set[str]:
     return keys
 
 
-def save_checkpoint(model: SimpleMatch, path: str | Path, trainable_only: bool = False) -> None:
+def save_checkpoint(model: MatchModel, path: str | Path, trainable_only: bool = False) -> None:
     """Write ``model``'s config and weights to ``path`` (a local file, replaced atomically).
 
     ``trainable_only`` keeps only :func:`trainable_state_keys` (for LoRA: the LoRA factors, the
@@ -77,14 +82,14 @@ def save_checkpoint(model: SimpleMatch, path: str | Path, trainable_only: bool =
     partial.replace(path)
 
 
-def checkpoint_bytes(model: SimpleMatch, trainable_only: bool = False) -> bytes:
+def checkpoint_bytes(model: MatchModel, trainable_only: bool = False) -> bytes:
     """What :func:`save_checkpoint` would write, as bytes (for :func:`load_model` on a worker)."""
     buffer = io.BytesIO()
     torch.save(_checkpoint_document(model, trainable_only), buffer)
     return buffer.getvalue()
 
 
-def _checkpoint_document(model: SimpleMatch, trainable_only: bool) -> dict[str, Any]:
+def _checkpoint_document(model: MatchModel, trainable_only: bool) -> dict[str, Any]:
     state = model.state_dict()
     if trainable_only:
         keep = trainable_state_keys(model)
@@ -124,7 +129,7 @@ def saved_config(checkpoint: dict[str, Any], name: str = "checkpoint") -> ModelC
     return from_dict(ModelConfig, checkpoint["config"], f"{name} config")
 
 
-def load_checkpoint(model: SimpleMatch, source: Source, name: str | None = None) -> None:
+def load_checkpoint(model: MatchModel, source: Source, name: str | None = None) -> None:
     """Load a :func:`save_checkpoint` file into ``model``, strictly.
 
     A full checkpoint must hold exactly the keys of ``model.state_dict()``; a trainable-only one
@@ -135,7 +140,7 @@ def load_checkpoint(model: SimpleMatch, source: Source, name: str | None = None)
     _load_state(model, read_checkpoint(source, name), name or "checkpoint bytes")
 
 
-def load_model(source: Source, name: str | None = None, **overrides: Any) -> SimpleMatch:
+def load_model(source: Source, name: str | None = None, **overrides: Any) -> MatchModel:
     """The model saved in ``source``, rebuilt from its config with its weights loaded (CPU, in
     training mode as any new module). ``overrides`` replace config fields (run-time ones; see
     :data:`ARCHITECTURE_FIELDS`).
@@ -148,26 +153,26 @@ def load_model(source: Source, name: str | None = None, **overrides: Any) -> Sim
     checkpoint = read_checkpoint(source, name)
     config = saved_config(checkpoint, name)
     if checkpoint["trainable_only"]:
-        model = SimpleMatch(dataclasses.replace(config, **overrides))
+        model = build_model(dataclasses.replace(config, **overrides))
     else:
         model = empty_model(dataclasses.replace(config, weights=None, **overrides))
     _load_state(model, checkpoint, name)
     return model
 
 
-def empty_model(config: ModelConfig) -> SimpleMatch:
+def empty_model(config: ModelConfig) -> MatchModel:
     """A model whose every state entry a full checkpoint overwrites: built on the meta device and
     materialised uninitialised, unless it has buffers no checkpoint holds (they need their init)."""
     with torch.device("meta"):
-        model = SimpleMatch(config)
+        model = build_model(config)
     unsaved = set(dict(model.named_buffers())) - set(model.state_dict())
     if unsaved:
         logger.debug("model has non-persistent buffers %s; building it with initialisation", sorted(unsaved))
-        return SimpleMatch(config)
+        return build_model(config)
     return model.to_empty(device="cpu")
 
 
-def _load_state(model: SimpleMatch, checkpoint: dict[str, Any], name: str) -> None:
+def _load_state(model: MatchModel, checkpoint: dict[str, Any], name: str) -> None:
     trainable_only = bool(checkpoint["trainable_only"])
     _check_config(model.config, saved_config(checkpoint, name), trainable_only, name)
     state = checkpoint["state_dict"]

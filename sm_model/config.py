@@ -21,6 +21,10 @@ KeypointSampling = Literal["bilinear", "nearest"]
 PositionResampling = Literal["official", "timm"]
 PixelConvention = Literal["center", "official"]
 ImageResize = Literal["antialiased", "official"]
+ModelKind = Literal["simplematch", "zero-shot", "baseline"]
+Localizer = Literal["argmax", "dense", "window", "kernel"]
+DEFAULT_LOCALIZERS: dict[str, Localizer] = {"simplematch": "window", "zero-shot": "argmax", "baseline": "kernel"}
+"""The localizer of each model kind when ``ModelConfig.localizer`` is ``None``."""
 
 
 class Bound(NamedTuple):
@@ -54,7 +58,14 @@ def require(config: Any, names: str, bound: Bound) -> None:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """``backbone``: a name of :data:`sm_model.backbones.BACKBONES`.
+    """``kind`` picks the model (:data:`sm_model.registry.MODEL_KINDS`): ``"simplematch"`` (backbone,
+    upsampling decoder, window soft-argmax), ``"zero-shot"`` (a frozen backbone's last-layer
+    features, nothing trained; ``finetune`` must be ``"frozen"``) or ``"baseline"`` (the survey's
+    strong baseline: backbone features, the last blocks fine-tuned, Gaussian cross-entropy).
+    Decoder fields only concern ``simplematch``; ``loss_temperature`` and ``target_window`` only
+    ``baseline``.
+
+    ``backbone``: a name of :data:`sm_model.backbones.BACKBONES`.
     ``weights``: ``None`` (random init), ``"hub"`` (timm's pretrained weights, needs network) or a
     local checkpoint path. ``image_size``: square network input side (a multiple of the patch size
     for ViTs). ``finetune`` with ``finetune_blocks`` (the last N transformer blocks) and the LoRA
@@ -81,7 +92,18 @@ class ModelConfig:
     ``image_resize`` is how images are resized to S x S (:func:`sm_model.pixels.resize_image`):
     ``"antialiased"`` (PIL bilinear) or ``"official"`` (OpenCV's bilinear without antialiasing, as
     the released code; set for released checkpoints). The checkpoint saves all three with the
-    config, so a model predicts in the convention it was trained or released with."""
+    config, so a model predicts in the convention it was trained or released with.
+
+    ``final_norm`` (ViTs) applies the backbone's final LayerNorm to the features (SimpleMatch reads
+    them before it; the survey after it). ``localizer`` (:data:`sm_model.localizers.LOCALIZERS`)
+    turns score maps into points: ``None`` is the kind's own (``window`` for ``simplematch``, with
+    ``window_size``/``coarse_window_sizes``; ``argmax`` for ``zero-shot``; ``kernel`` for
+    ``baseline``); ``beta`` is the temperature of every soft-argmax and ``kernel_sigma`` (cells) the
+    kernel soft-argmax's Gaussian width. ``baseline`` trains with a softmax at ``loss_temperature``
+    against a Gaussian-smoothed ``target_window`` x ``target_window`` target
+    (:func:`sm_model.loss.gaussian_cross_entropy`)."""
+
+    kind: ModelKind = "simplematch"
 
     backbone: str = "dinov2_vitb14"
     weights: str | None = None
@@ -101,10 +123,23 @@ class ModelConfig:
     position_resampling: PositionResampling = "official"
     pixel_convention: PixelConvention = "center"
     image_resize: ImageResize = "antialiased"
+    final_norm: bool = False
+    localizer: Localizer | None = None
+    kernel_sigma: float = 7.0
+    loss_temperature: float = 0.03
+    target_window: int = 7
 
     def __post_init__(self) -> None:
         require(self, "image_size lora_rank decoder_channels window_size coarse_window_sizes", AT_LEAST_ONE)
-        require(self, "lora_alpha beta", POSITIVE)
+        require(self, "lora_alpha beta kernel_sigma loss_temperature", POSITIVE)
+        require(self, "target_window", Bound("an odd number of cells, at least 1", lambda value: value % 2 == 1))
+        if self.kind == "zero-shot" and self.finetune != "frozen":
+            raise ValueError(f"a zero-shot model trains nothing: finetune must be 'frozen', got {self.finetune!r}")
+
+    @property
+    def localizer_method(self) -> Localizer:
+        """``localizer``, or the kind's own (:data:`DEFAULT_LOCALIZERS`) when it is ``None``."""
+        return self.localizer or DEFAULT_LOCALIZERS[self.kind]
         require(self, "scale_weights", NON_NEGATIVE)
         require(self, "decoder_dropout", Bound("in [0, 1)", lambda value: 0 <= value < 1))
 

@@ -1,4 +1,5 @@
-"""Sparse matching and window localization: pure functions on tensors, no parameters.
+"""Sparse matching: source keypoint features against the whole target map. Pure functions on
+tensors, no parameters; the localizers that turn scores into cells are :mod:`sm_model.localizers`.
 
 Keypoints are ``(x, y)`` pixels of the network input (S x S) and cells are cell coordinates, both
 as :mod:`sm_model.pixels` defines them for a pixel convention (``"center"`` unless told).
@@ -10,11 +11,14 @@ with their validity mask), ``C`` channels, ``h x w`` the target feature map.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from sm_model.config import KeypointSampling, PixelConvention
+from sm_model.localizers import Localization, localize
 from sm_model.pixels import cells_to_pixels, default_sampling, pixels_to_cells
 
 
@@ -58,23 +62,33 @@ def sample_keypoint_features(
     raise ValueError(f"unknown keypoint sampling mode {mode!r}: expected 'bilinear' or 'nearest'")
 
 
+class Matches(NamedTuple):
+    """One scale's matching: ``points`` ``[B, N, 2]`` where each source keypoint lies in the
+    target, in input pixels; ``scores`` ``[B, N, h, w]`` the cosine similarities they were
+    localized from (for losses on the score map, and for match scores), both float32 (float64 for
+    float64 maps); ``stride`` the map's stride in input pixels."""
+
+    points: Tensor
+    scores: Tensor
+    stride: float
+
+
 def match_keypoints(
     src_map: Tensor,
     trg_map: Tensor,
     src_kps: Tensor,
     stride: float,
-    window: int | None,
-    beta: float,
+    localization: Localization,
     sampling: KeypointSampling | None = None,
     convention: PixelConvention = "center",
-) -> Tensor:
+) -> Matches:
     """Sparse matching and localization on one scale: where each source keypoint lies in the target.
 
     ``src_map``, ``trg_map``: ``[B, C, h, w]``; ``src_kps``: ``[B, N, 2]`` input pixels. Returns
-    ``[B, N, 2]`` input pixels: the source features at the keypoints
-    (:func:`sample_keypoint_features` with ``sampling`` and ``convention``), their
-    :func:`cosine_similarity` with the whole target map, :func:`localize` with ``window`` and
-    ``beta``, and cells back to pixels in ``convention``.
+    :class:`Matches`: the source features at the keypoints (:func:`sample_keypoint_features` with
+    ``sampling`` and ``convention``), their :func:`cosine_similarity` with the whole target map,
+    and :func:`sm_model.localizers.localize` by ``localization``, cells back to pixels in
+    ``convention``.
 
     All of it runs in float32 (float64 for float64 maps) with autocast disabled, whatever the maps'
     dtype: at beta 0.02 a bfloat16 score error of 2e-3 is 0.1 in the softmax logit, and moved the
@@ -85,7 +99,7 @@ def match_keypoints(
         src_map, trg_map = src_map.to(compute_dtype), trg_map.to(compute_dtype)
         keypoint_features = sample_keypoint_features(src_map, src_kps, stride, sampling, convention)
         scores = cosine_similarity(keypoint_features, trg_map)  # [B, N, h, w]
-        return cells_to_pixels(localize(scores, window, beta), stride, convention)
+        return Matches(cells_to_pixels(localize(scores, localization), stride, convention), scores, stride)
 
 
 def _sample_bilinear(feature_map: Tensor, cells: Tensor) -> Tensor:
@@ -130,82 +144,3 @@ def cosine_similarity(src_features: Tensor, trg_map: Tensor, eps: float = 1e-8) 
     src = F.normalize(src_features, dim=2, eps=eps)
     trg = F.normalize(trg_map.flatten(2), dim=1, eps=eps)  # [B, C, h*w]
     return torch.bmm(src, trg).view(batch, src_features.shape[1], height, width)
-
-
-def window_soft_argmax(scores: Tensor, window: int, beta: float) -> Tensor:
-    """Hard argmax, then a soft-argmax inside the k x k window around it (the official localization).
-
-    ``scores``: ``[B, N, h, w]``; returns ``[B, N, 2]`` as ``(x, y)`` cell coordinates.
-
-    The window's top-left is ``clamp(argmax - floor(k / 2), 0, side - k)`` per axis: near a border the
-    window is shifted inward, never padded, so the argmax is off-centre there (and, for an even k, at
-    offset k / 2 elsewhere). A k larger than a side of the map shrinks to that side. Inside the
-    window, ``softmax(scores / beta)`` weighs the window's cell coordinates.
-
-    Only the scores inside each keypoint's window receive gradient; the argmax index itself has
-    none. Only a ``[B, N, k*k]`` window is gathered (never ``[B, N, h*w, k*k]``), which is where the
-    memory saving over :func:`dense_soft_argmax` comes from.
-
-    dtype: the softmax and the expectation run in float32 (or float64 for float64 scores) and the
-    coordinates are returned in that dtype, not in bfloat16/float16: bfloat16 resolves only 0.5 cell
-    at 64-128 cells, i.e. 2 pixels at stride 4.
-    """
-    if window < 1:
-        raise ValueError(f"window must be a positive number of cells, got {window}")
-    _check_beta(beta)
-    batch, keypoints, height, width = scores.shape
-    window_height, window_width = min(window, height), min(window, width)
-    flat_scores = scores.flatten(2)  # [B, N, h*w]
-    peak = flat_scores.argmax(dim=2)  # [B, N]; argmax has no gradient, as intended
-    top = _window_start(peak // width, window_height, height)
-    left = _window_start(peak % width, window_width, width)
-    row_offsets = torch.arange(window_height, device=scores.device)
-    column_offsets = torch.arange(window_width, device=scores.device)
-    window_index = (
-        (top[..., None, None] + row_offsets[:, None]) * width + left[..., None, None] + column_offsets
-    )  # [B, N, kh, kw]
-    window_scores = flat_scores.gather(2, window_index.flatten(2)).view(batch, keypoints, window_height, window_width)
-    x, y = _expected_cell(window_scores, beta)
-    return torch.stack((x + left, y + top), dim=-1)
-
-
-def _window_start(peak: Tensor, window: int, side: int) -> Tensor:
-    """First cell of a ``window``-cell span around ``peak`` (any shape), shifted inward to fit ``side``."""
-    return (peak - window // 2).clamp(0, side - window)
-
-
-def dense_soft_argmax(scores: Tensor, beta: float) -> Tensor:
-    """Soft-argmax over the whole map: ``scores`` ``[B, N, h, w]`` -> ``[B, N, 2]`` ``(x, y)`` cells.
-
-    The expectation of the cell coordinates under ``softmax(scores / beta)`` over all ``h*w`` cells;
-    dtype as :func:`window_soft_argmax`.
-    """
-    _check_beta(beta)
-    x, y = _expected_cell(scores, beta)
-    return torch.stack((x, y), dim=-1)
-
-
-def localize(scores: Tensor, window: int | None, beta: float) -> Tensor:
-    """``scores`` ``[B, N, h, w]`` -> ``[B, N, 2]`` cells: :func:`window_soft_argmax` with a
-    ``window``, :func:`dense_soft_argmax` when ``window`` is ``None``."""
-    if window is None:
-        return dense_soft_argmax(scores, beta)
-    return window_soft_argmax(scores, window, beta)
-
-
-def _expected_cell(scores: Tensor, beta: float) -> tuple[Tensor, Tensor]:
-    """Expected ``(x, y)`` ``[B, N]`` each, relative to the map's first cell, under
-    ``softmax(scores / beta)`` over the last two dims of ``scores`` ``[B, N, h, w]``."""
-    compute_dtype = torch.promote_types(scores.dtype, torch.float32)
-    height, width = scores.shape[-2:]
-    # At beta = 0.02 the logits span +-50: float32 keeps the softmax and the sums accurate.
-    weights = torch.softmax(scores.to(compute_dtype).flatten(2) / beta, dim=2).unflatten(2, (height, width))
-    # Multiply-and-sum rather than a matmul, which autocast would run (and return) in bfloat16.
-    x = (weights.sum(dim=2) * torch.arange(width, dtype=compute_dtype, device=scores.device)).sum(-1)
-    y = (weights.sum(dim=3) * torch.arange(height, dtype=compute_dtype, device=scores.device)).sum(-1)
-    return x, y
-
-
-def _check_beta(beta: float) -> None:
-    if not beta > 0:
-        raise ValueError(f"the soft-argmax temperature beta must be positive, got {beta}")

@@ -21,27 +21,27 @@ Checkpoints: :mod:`sm_model.checkpoint`; the released ``best_model.pth`` layout:
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from sm_model.backbones import build_backbone
 from sm_model.config import ModelConfig
 from sm_model.decoder import ScaleFeatures, build_decoder
 from sm_model.loss import multiscale_loss
-from sm_model.matching import match_keypoints
-from sm_model.pixels import input_to_original_pixels, original_to_input_pixels
+from sm_model.matcher import MatchModel, check_pair_inputs
+from sm_model.matching import Matches, match_keypoints
 
 
-class SimpleMatch(nn.Module):
-    """The SimpleMatch model, built from a :class:`ModelConfig`.
+class SimpleMatch(MatchModel):
+    """The SimpleMatch model (kind ``simplematch``), built from a :class:`ModelConfig`.
 
     ``backbone`` (:func:`sm_model.backbones.build_backbone`, fine-tuning mode applied),
     ``decoder`` (:func:`sm_model.decoder.build_decoder`), then per decoder scale: source
-    keypoint features -> cosine similarity with the whole target map -> window soft-argmax.
+    keypoint features -> cosine similarity with the whole target map -> the config's localizer
+    (window soft-argmax unless told otherwise; :meth:`MatchModel.localization`).
     """
 
     def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self.backbone = build_backbone(config)
         self.decoder = build_decoder(config, tuple(self.backbone.channels))
 
@@ -63,19 +63,19 @@ class SimpleMatch(nn.Module):
             return tuple(self.config.scale_weights)
         return (self.config.scale_weights[-1],)
 
-    def forward(self, src: Tensor, trg: Tensor, src_kps: Tensor, valid: Tensor) -> list[Tensor]:
+    def forward(self, src: Tensor, trg: Tensor, src_kps: Tensor, valid: Tensor) -> list[Matches]:
         """Predict where each source keypoint lies in the target.
 
         ``src``, ``trg``: ``[B, 3, S, S]`` ImageNet-normalised (any S the backbone accepts: strides
         come from the actual maps, not ``config.image_size``); ``src_kps``: ``[B, N, 2]`` input
-        pixels; ``valid``: ``[B, N]`` bool. Returns one ``[B, N, 2]`` float32 prediction (under
-        autocast too) in input pixels per scale, coarse to fine (only the 1/4 one unless
-        ``config.multiscale``).
+        pixels; ``valid``: ``[B, N]`` bool. Returns one :class:`~sm_model.matching.Matches` per
+        scale, coarse to fine (only the 1/4 one unless ``config.multiscale``): ``points``
+        ``[B, N, 2]`` float32 (under autocast too) in input pixels, and the score maps.
 
         Invalid keypoints are read at pixel ``(0, 0)``, so their predictions are finite (and
         meaningless); ``valid`` is for the loss to mask them.
         """
-        _check_inputs(src, trg, src_kps, valid)
+        check_pair_inputs(src, trg, src_kps, valid)
         src_kps = torch.where(valid.unsqueeze(-1), src_kps, torch.zeros_like(src_kps))
         features = self.backbone(torch.cat([src, trg]))
         scales = self.decoder(features, src.shape[-1])
@@ -83,48 +83,14 @@ class SimpleMatch(nn.Module):
             self._match(scale, window, src_kps) for scale, window in zip(scales, self.window_sizes, strict=True)
         ]
 
-    def _match(self, scale: ScaleFeatures, window: int | None, src_kps: Tensor) -> Tensor:
-        """Sparse matching and localization on one scale: ``src_kps`` ``[B, N, 2]`` -> ``[B, N, 2]`` input pixels."""
+    def _match(self, scale: ScaleFeatures, window: int | None, src_kps: Tensor) -> Matches:
+        """Sparse matching and localization on one scale: ``src_kps`` ``[B, N, 2]`` input pixels."""
         src_map, trg_map = scale.features.chunk(2)
-        beta, sampling, convention = self.config.beta, self.config.keypoint_sampling, self.config.pixel_convention
-        return match_keypoints(src_map, trg_map, src_kps, scale.stride, window, beta, sampling, convention)
+        sampling, convention = self.config.keypoint_sampling, self.config.pixel_convention
+        return match_keypoints(src_map, trg_map, src_kps, scale.stride, self.localization(window), sampling, convention)
 
-    def loss(self, predictions: list[Tensor], target: Tensor, valid: Tensor) -> Tensor:
+    def loss(self, outputs: list[Matches], target: Tensor, valid: Tensor) -> Tensor:
         """Weighted sum over scales of the mean Euclidean distance in input pixels over valid
-        keypoints. ``predictions``: :meth:`forward`'s list; ``target``: ``[B, N, 2]`` input pixels;
+        keypoints. ``outputs``: :meth:`forward`'s list; ``target``: ``[B, N, 2]`` input pixels;
         ``valid``: ``[B, N]`` bool. Weights: :attr:`scale_weights`."""
-        return multiscale_loss(predictions, target, valid, self.scale_weights)
-
-    @torch.no_grad()
-    def predict(
-        self, src: Tensor, trg: Tensor, src_kps: Tensor, valid: Tensor, src_sizes: Tensor, trg_sizes: Tensor
-    ) -> Tensor:
-        """Target keypoints in original target pixels, from the finest scale, in eval mode.
-
-        ``src``, ``trg``: ``[B, 3, S, S]`` (the original images resized to S x S, normalised);
-        ``src_kps``: ``[B, N, 2]`` original source pixels; ``valid``: ``[B, N]`` bool;
-        ``src_sizes``, ``trg_sizes``: ``[B, 2]`` original ``(W, H)``. Returns ``[B, N, 2]`` float32.
-        Points move between the frames in ``config.pixel_convention``. The model's training mode is
-        restored afterwards.
-        """
-        input_size, convention = src.shape[-1], self.config.pixel_convention
-        input_kps = original_to_input_pixels(src_kps, src_sizes, input_size, convention)
-        was_training = self.training
-        self.eval()
-        try:
-            finest = self(src, trg, input_kps, valid)[-1]
-        finally:
-            self.train(was_training)
-        return input_to_original_pixels(finest, trg_sizes, input_size, convention)
-
-
-def _check_inputs(src: Tensor, trg: Tensor, src_kps: Tensor, valid: Tensor) -> None:
-    if src.ndim != 4 or src.shape != trg.shape or src.shape[-1] != src.shape[-2]:
-        raise ValueError(f"src and trg must both be [B, 3, S, S], got {tuple(src.shape)} and {tuple(trg.shape)}")
-    batch = src.shape[0]
-    if src_kps.ndim != 3 or src_kps.shape[0] != batch or src_kps.shape[-1] != 2:
-        raise ValueError(f"src_kps must be [B={batch}, N, 2], got {tuple(src_kps.shape)}")
-    if valid.shape != src_kps.shape[:-1] or valid.dtype != torch.bool:
-        raise ValueError(
-            f"valid must be a bool [B, N] = {tuple(src_kps.shape[:-1])}, got {valid.dtype} {tuple(valid.shape)}"
-        )
+        return multiscale_loss([matches.points for matches in outputs], target, valid, self.scale_weights)

@@ -37,7 +37,8 @@ from sm_model.batches import PairBatch
 from sm_model.checkpoint import MODEL_FILE, load_checkpoint, save_checkpoint
 from sm_model.config import from_dict
 from sm_model.pixels import normalize_images, original_to_input_pixels
-from sm_model.simplematch import SimpleMatch
+from sm_model.matcher import MatchModel
+from sm_model.registry import build_model
 from sm_train.augment import PairAugmentation
 from sm_train.config import SELECTION_METRIC, OptimConfig, TrainConfig, dump_yaml, val_metric
 from sm_train.data import pair_batches, plan_epoch
@@ -73,7 +74,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(config.train.seed + rank)
     autocast_dtype = autocast_dtype_for(config.train.precision, device)
 
-    model = SimpleMatch(config.model).to(device)
+    model = build_model(config.model).to(device)
     optimizer = build_optimizer(config.optim, [p for p in model.parameters() if p.requires_grad])
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, config.optim.lr_step_iterations, config.optim.lr_gamma)
     position = Position()
@@ -174,7 +175,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 def train_step(
     trained: nn.Module,
-    model: SimpleMatch,
+    model: MatchModel,
     augment: PairAugmentation,
     optimizer: torch.optim.Optimizer,
     batch: PairBatch,
@@ -221,7 +222,7 @@ def build_optimizer(config: OptimConfig, parameters: list[nn.Parameter]) -> torc
 
 
 def validation_metrics(
-    model: SimpleMatch,
+    model: MatchModel,
     shards: Location,
     val_shards: list[str],
     config: TrainConfig,
@@ -277,7 +278,7 @@ def audit_epoch(seen: list[str], replicated: nn.Module | None) -> dict[str, floa
 
 def restore(
     directory: Path,
-    model: SimpleMatch,
+    model: MatchModel,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     device: torch.device,
@@ -292,7 +293,7 @@ def restore(
 
 
 def _report(
-    model: SimpleMatch,
+    model: MatchModel,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     position: Position,

@@ -7,13 +7,8 @@ import math
 import pytest
 import torch
 
-from sm_model.matching import (
-    cosine_similarity,
-    dense_soft_argmax,
-    localize,
-    sample_keypoint_features,
-    window_soft_argmax,
-)
+from sm_model.localizers import Localization, dense_soft_argmax, localize, window_soft_argmax
+from sm_model.matching import cosine_similarity, sample_keypoint_features
 from sm_model.pixels import cells_to_pixels, pixels_to_cells
 
 LOW = -1.0  # the lowest cosine: exp((LOW - 1) / 0.02) underflows to 0 in float32
@@ -247,8 +242,8 @@ def test_dense_equals_a_window_covering_the_map() -> None:
         dense = dense_soft_argmax(scores, beta)
         assert torch.allclose(window_soft_argmax(scores, 10, beta), dense, atol=1e-5)
         assert torch.allclose(window_soft_argmax(scores, 45, beta), dense, atol=1e-5)
-        assert torch.equal(localize(scores, None, beta), dense)
-        assert torch.equal(localize(scores, 3, beta), window_soft_argmax(scores, 3, beta))
+        assert torch.equal(localize(scores, Localization("window", beta, None)), dense)
+        assert torch.equal(localize(scores, Localization("window", beta, 3)), window_soft_argmax(scores, 3, beta))
 
 
 def test_gradient_only_inside_each_window() -> None:
@@ -299,6 +294,6 @@ def test_localization_stays_float32_under_bfloat16_autocast() -> None:
     scores[0, 0, 0, 201] = 1.0
     with torch.autocast("cpu", dtype=torch.bfloat16):
         for window in (5, None):
-            cells = localize(scores, window, beta=0.02)
+            cells = localize(scores, Localization("window", 0.02, window))
             assert cells.dtype == torch.float32
             assert cells[0, 0].tolist() == [200.5, 0.0]

@@ -25,7 +25,8 @@ from sm_eval.checkpoints import official_model_config, read_checkpoint_file
 from sm_model.checkpoint import load_model, save_checkpoint
 from sm_model.config import ModelConfig, from_dict
 from sm_model.decoder import ScaleFeatures
-from sm_model.matching import cosine_similarity, localize, match_keypoints, sample_keypoint_features
+from sm_model.localizers import Localization, localize
+from sm_model.matching import cosine_similarity, match_keypoints, sample_keypoint_features
 from sm_model.official import official_layout, official_model
 from sm_model.pixels import (
     cells_to_pixels,
@@ -41,6 +42,9 @@ from tests.conftest import REPO_ROOT
 from tests.test_simplematch import OFFICIAL_DECODER_NAMES
 from tests.test_simplematch import _perturb as perturb
 from tests.test_simplematch import _weights_file as weights_file
+
+WINDOW_15 = Localization("window", 0.02, 15)
+"""The official window soft-argmax at 1/4: window 15 cells, beta 0.02."""
 
 PREFIX = "pair_image_encoder.image_encoder."
 RESNET_PREFIX = "pair_image_encoder.backbone."
@@ -164,7 +168,7 @@ def test_released_resnet101_layout_all_684_keys(tmp_path: Path, caplog: pytest.L
     kps, valid = torch.tensor([[[10.0, 20.0], [40.0, 33.0]]]), torch.ones(1, 2, dtype=torch.bool)
     with torch.no_grad():
         predictions = model.eval()(src, trg, kps, valid)
-    assert [tuple(p.shape) for p in predictions] == [(1, 2, 2)] * 3  # heads at 1/16, 1/8, 1/4
+    assert [tuple(p.points.shape) for p in predictions] == [(1, 2, 2)] * 3  # heads at 1/16, 1/8, 1/4
     state["proj2.weight"] = torch.zeros(512, 256)
     with pytest.raises(ValueError, match=r"decoder.heads.mid.weight \(512, 256\) != \(512, 512\)"):
         official_model(state, shipped)
@@ -216,8 +220,8 @@ def test_conventions_differ_by_the_derived_offset_at_every_scale(stride: int, of
     side = 256 // stride
     src, trg = _one_peak_maps(side, (5, 3))
     kps = torch.tensor([[[100.0, 37.0]]])
-    official = match_keypoints(src, trg, kps, float(stride), 15, 0.02, convention="official")
-    center = match_keypoints(src, trg, kps, float(stride), 15, 0.02)
+    official = match_keypoints(src, trg, kps, float(stride), WINDOW_15, convention="official").points
+    center = match_keypoints(src, trg, kps, float(stride), WINDOW_15).points
     assert official[0, 0].tolist() == [5.0 * stride, 3.0 * stride]
     torch.testing.assert_close(center - official, torch.full((1, 1, 2), offset), rtol=0, atol=1e-5)
 
@@ -346,15 +350,15 @@ def _smooth_features(seed: int) -> tuple[Tensor, Tensor, Tensor]:
 
 def test_bfloat16_and_float32_predictions_agree_within_0_05_cells() -> None:
     src, trg, kps = _smooth_features(seed=0)
-    in_float32 = match_keypoints(src.float(), trg.float(), kps, 4.0, 15, 0.02)
+    in_float32 = match_keypoints(src.float(), trg.float(), kps, 4.0, WINDOW_15).points
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        under_autocast = match_keypoints(src, trg, kps, 4.0, 15, 0.02)
+        under_autocast = match_keypoints(src, trg, kps, 4.0, WINDOW_15).points
         # What the scores were before: cosine and bmm in bfloat16.
         bfloat16_scores = cosine_similarity(sample_keypoint_features(src, kps, 4.0), trg)
     assert under_autocast.dtype == torch.float32 and bfloat16_scores.dtype == torch.bfloat16
     assert ((under_autocast - in_float32).abs() / 4).max() < 0.05
     torch.testing.assert_close(under_autocast, in_float32, rtol=0, atol=1e-4)
-    before = cells_to_pixels(localize(bfloat16_scores, 15, 0.02), 4.0)
+    before = cells_to_pixels(localize(bfloat16_scores, WINDOW_15), 4.0)
     assert ((before - in_float32).abs() / 4).max() > 0.05  # the test tells the two apart
 
 
@@ -363,9 +367,9 @@ def test_the_model_matches_in_float32_under_autocast() -> None:
     kps = torch.rand(2, 5, 2, generator=torch.Generator().manual_seed(2)) * 127
     valid = torch.ones(2, 5, dtype=torch.bool)
     images = torch.zeros(2, 3, 128, 128)  # stride 4 on the 32 x 32 maps
-    (in_float32,) = _constructed_model("center", src.float(), trg.float())(images, images, kps, valid)
+    ((in_float32, *_),) = _constructed_model("center", src.float(), trg.float())(images, images, kps, valid)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        (under_autocast,) = _constructed_model("center", src, trg)(images, images, kps, valid)
+        ((under_autocast, *_),) = _constructed_model("center", src, trg)(images, images, kps, valid)
     torch.testing.assert_close(under_autocast, in_float32, rtol=0, atol=1e-4)
 
 

@@ -17,6 +17,7 @@ from sm_model.backbones import BACKBONES, create_encoder
 from sm_model.checkpoint import load_checkpoint, load_model, save_checkpoint
 from sm_model.config import ModelConfig
 from sm_model.loss import keypoint_loss
+from sm_model.matching import Matches
 from sm_model.official import load_official_checkpoint
 from sm_model.simplematch import SimpleMatch
 
@@ -61,7 +62,8 @@ def _weights_file(backbone: str, path: Path) -> str:
 def _run(model: SimpleMatch, size: int, count: int = 3) -> list[torch.Tensor]:
     src, trg = _images(2, size)
     with torch.no_grad():
-        return model.eval()(src, trg, _keypoints(2, count, size), torch.ones(2, count, dtype=torch.bool))
+        outputs = model.eval()(src, trg, _keypoints(2, count, size), torch.ones(2, count, dtype=torch.bool))
+    return [matches.points for matches in outputs]
 
 
 def _assert_same_state(first: nn.Module, second: nn.Module) -> None:
@@ -82,7 +84,8 @@ def test_forward_predicts_inside_the_input_and_keeps_invalid_keypoints_finite() 
     keypoints[0, 3] = float("nan")
     keypoints[1, 2:] = -1.0  # the official padding value
     valid = torch.tensor([[True, True, True, False], [True, True, False, False]])
-    (predictions,) = model(src, trg, keypoints, valid)
+    ((predictions, scores, stride),) = model(src, trg, keypoints, valid)
+    assert scores.shape == (2, 4, 14, 14) and stride == 4
     assert predictions.shape == (2, 4, 2) and predictions.dtype == torch.float32
     assert torch.isfinite(predictions).all()
     # Cell centres of the 14x14 stride-4 map span pixels 1.5 .. 53.5.
@@ -102,7 +105,8 @@ def test_official_dinov2_config_at_252() -> None:
     assert trainable == 24_193_536 + 368_640  # decoder + LoRA on fc2 of blocks 6-11, r = 16
     src, trg = _images(1, 252)
     with torch.no_grad():
-        (predictions,) = model.eval()(src, trg, _keypoints(1, 2, 252), torch.ones(1, 2, dtype=torch.bool))
+        (matches,) = model.eval()(src, trg, _keypoints(1, 2, 252), torch.ones(1, 2, dtype=torch.bool))
+    predictions = matches.points
     assert predictions.shape == (1, 2, 2) and torch.isfinite(predictions).all()
 
 
@@ -112,19 +116,21 @@ def test_multiscale_vit_predicts_coarse_to_fine_and_weighs_each_scale() -> None:
     src, trg = _images(2, 56)
     keypoints, target = _keypoints(2, 3, 56), _keypoints(2, 3, 56, seed=2)
     valid = torch.tensor([[True, True, False], [True, False, False]])
-    predictions = model(src, trg, keypoints, valid)
-    assert [p.shape for p in predictions] == [(2, 3, 2)] * 3
-    expected = sum(w * keypoint_loss(p, target, valid) for w, p in zip((0.5, 2.0, 3.0), predictions, strict=True))
-    torch.testing.assert_close(model.loss(predictions, target, valid), expected)
+    outputs = model(src, trg, keypoints, valid)
+    assert [matches.points.shape for matches in outputs] == [(2, 3, 2)] * 3
+    assert [matches.stride for matches in outputs] == [14, 7, 4]
+    points = [matches.points for matches in outputs]
+    expected = sum(w * keypoint_loss(p, target, valid) for w, p in zip((0.5, 2.0, 3.0), points, strict=True))
+    torch.testing.assert_close(model.loss(outputs, target, valid), expected)
 
 
 def test_single_scale_loss_uses_the_last_weight() -> None:
     model = SimpleMatch(dataclasses.replace(TINY, scale_weights=(5.0, 3.0, 2.0)))
     src, trg = _images(2, 56)
     keypoints, target, valid = _keypoints(2, 3, 56), _keypoints(2, 3, 56, seed=2), torch.ones(2, 3, dtype=torch.bool)
-    predictions = model(src, trg, keypoints, valid)
-    expected = 2.0 * keypoint_loss(predictions[0], target, valid)
-    torch.testing.assert_close(model.loss(predictions, target, valid), expected)
+    outputs = model(src, trg, keypoints, valid)
+    expected = 2.0 * keypoint_loss(outputs[0].points, target, valid)
+    torch.testing.assert_close(model.loss(outputs, target, valid), expected)
 
 
 def test_multiscale_resnet() -> None:
@@ -164,7 +170,9 @@ def test_predict_maps_original_pixels_through_the_input_and_back(monkeypatch: py
     def fake_forward(src, trg, src_kps, valid):
         seen.update(kps=src_kps.clone(), training=model.training, grad=torch.is_grad_enabled())
         finest = torch.tensor([[[4.75, 6.5], [-0.5, 55.5]]])  # input pixels
-        return [torch.full_like(finest, float("nan")), finest]  # coarse first: predict must take the last
+        scores = torch.arange(2 * 14 * 14, dtype=torch.float32).view(1, 2, 14, 14) / 1000
+        coarse = Matches(torch.full_like(finest, float("nan")), torch.full_like(scores, float("nan")), 16)
+        return [coarse, Matches(finest, scores, 4)]  # coarse first: predict must take the last
 
     monkeypatch.setattr(model, "forward", fake_forward)
     src, trg = _images(1, 56)
@@ -179,6 +187,9 @@ def test_predict_maps_original_pixels_through_the_input_and_back(monkeypatch: py
     torch.testing.assert_close(predictions, torch.tensor([[[2.125, 13.5], [-0.5, 111.5]]]))
     assert seen["training"] is False and seen["grad"] is False
     assert model.training  # restored
+    # The match score is each finest map's peak: cells 195 and 391 of the arange.
+    matched = model.predict_matches(src, trg, src_kps, torch.ones(1, 2, dtype=torch.bool), src_sizes, trg_sizes)
+    torch.testing.assert_close(matched.score, torch.tensor([[0.195, 0.391]]))
 
 
 # -------------------------------------------------------------------------------------- checkpoints
@@ -334,9 +345,9 @@ def test_bfloat16_autocast_predicts_float32_close_to_float32() -> None:
     src, trg = _images(2, 56)
     keypoints, valid = _keypoints(2, 3, 56), torch.ones(2, 3, dtype=torch.bool)
     with torch.no_grad():
-        (full,) = model(src, trg, keypoints, valid)
+        full = model(src, trg, keypoints, valid)[0].points
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            (half,) = model(src, trg, keypoints, valid)
+            half = model(src, trg, keypoints, valid)[0].points
     assert half.dtype == torch.float32
     # Random features give flat similarity maps, where bfloat16 scores move the soft-argmax most;
     # a few pixels on a 56-pixel input.

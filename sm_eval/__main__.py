@@ -1,7 +1,11 @@
-"""``python -m sm_eval``: PCK of one or more SimpleMatch checkpoints on a split of a shard set.
+"""``python -m sm_eval``: PCK of one or more models on a split of a shard set: checkpoints of any
+kind (SimpleMatch, the survey's baseline), released SimpleMatch checkpoints, and zero-shot
+pretrained features.
 
-    python -m sm_eval --checkpoint runs/spair/checkpoint_000010 --shards s3://bucket/spair-shards \\
+    python -m sm_eval --model runs/spair/checkpoint_000010 --shards s3://bucket/spair-shards \\
         --split test --workers 4 --out eval/spair-test
+    python -m sm_eval --model zero-shot:dinov2_vitb14 --image-size 840 --localizer kernel \\
+        --shards data/shards/spair --out eval/dinov2-zero-shot
     python -m sm_eval --checkpoint ckpts/dinov2_448x448_spair/best_model.pth \
         --official-config configs/dinov2_vitb14_448_spair.yaml --backbone-weights dinov2_vitb14_pretrain.pth \
         --shards data/shards/spair --out eval/released-448
@@ -27,10 +31,28 @@ from sm_eval.evaluate import DEFAULT_ALPHAS, EvalRequest, check_alphas, evaluate
 from sm_eval.pck import FRAMES, RULES
 from sm_eval.report import AVERAGE_LABELS, AVERAGES, frame_label, percent
 from sm_eval.runner import DTYPES, EvalSettings
+from sm_model.localizers import LOCALIZERS
 
 log = logging.getLogger("sm_eval")
 
 EPILOG = """\
+models (--model, repeatable; --checkpoint is the same option):
+  PATH_OR_S3           a checkpoint file or a Ray Train checkpoint directory holding model.pt, of
+                       any kind (simplematch, baseline, zero-shot; the checkpoint records it), or a
+                       released best_model.pth with --official-config
+  zero-shot:BACKBONE   a frozen pretrained backbone's last-layer features, no training, no checkpoint:
+                       dinov2_vit{s,b,l,g}14[_reg4], ibot_vitb16, resnet18/50/101; final LayerNorm on
+                       for ViTs (--set final_norm=false: off); weights from the timm hub, or
+                       --backbone-weights FILE (or random)
+
+localizers (--localizer; default: the model's own):
+  argmax   nearest neighbour: the best-scoring cell (zero-shot's default)
+  dense    soft-argmax over the whole map at temperature beta
+  window   argmax, then soft-argmax in a window_size window (SimpleMatch's default)
+  kernel   a Gaussian of kernel_sigma cells at the argmax times the scores, then soft-argmax
+           (the survey baseline's default: sigma 7, beta 0.04)
+  tune them with --set beta=0.04 --set kernel_sigma=5 --set window_size=15
+
 outputs in --out:
   predictions.parquet  per-keypoint records (pair_key, kp_id, category, pred_x/y, gt_x/y,
                        threshold_base, frame, SPair flags, input_size, trg_width/height,
@@ -83,16 +105,16 @@ def _count(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m sm_eval",
-        description="PCK of one or more SimpleMatch checkpoints on a split of a shard set.",
+        description="PCK of one or more models (checkpoints of any kind, or zero-shot features) on a split of a shard set.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     what = parser.add_argument_group("what to evaluate")
     what.add_argument(
-        "--checkpoint", action="append", required=True, metavar="PATH_OR_S3",
-        help="a save_checkpoint file, a (Ray Train) checkpoint directory holding model.pt, or a released "
-        "best_model.pth (with --official-config); local or "
-        "s3://. Repeat to compare models on the same pairs",
+        "--model", "--checkpoint", dest="models", action="append", required=True, metavar="PATH_OR_S3|zero-shot:NAME",
+        help="a save_checkpoint file or a (Ray Train) checkpoint directory holding model.pt (any kind), a released "
+        "best_model.pth (with --official-config), local or s3://; or zero-shot:BACKBONE (below). Repeat to "
+        "compare models on the same pairs",
     )  # fmt: skip
     what.add_argument(
         "--shards", required=True, metavar="DIR_OR_S3", help="a shard directory written by pipelines.shard"
@@ -108,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument(
         "--backbone-weights", metavar="PATH",
         help="for a released DINOv2 LoRA checkpoint: the frozen backbone's pretrained file, e.g. "
-        "dinov2_vitb14_pretrain.pth (default: the config's weights); read once here, not by the workers",
+        "dinov2_vitb14_pretrain.pth (default: the config's weights); for zero-shot models: their backbone's "
+        "weights file (default: the timm hub; 'random': untrained, for smoke tests). Read once here, not by the workers",
     )  # fmt: skip
     what.add_argument("--s3-endpoint-url", metavar="URL", help="S3-compatible endpoint (else AWS_ENDPOINT_URL or AWS)")
 
@@ -153,6 +176,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="network input side (default: the checkpoint's; a multiple of the patch size for ViTs)",
     )  # fmt: skip
     compute.add_argument(
+        "--localizer", choices=LOCALIZERS,
+        help="how score maps become points, for every model (default: each model's own; see below)",
+    )  # fmt: skip
+    compute.add_argument(
+        "--set", dest="model_options", action="append", default=[], metavar="KEY=VALUE",
+        help="replace a model config field for every model, e.g. beta=0.04, kernel_sigma=5, window_size=15 "
+        "(run-time fields; for zero-shot models any field, e.g. final_norm=false). Repeatable",
+    )  # fmt: skip
+    compute.add_argument(
         "--loader-workers", type=_count, default=2, metavar="P",
         help="decoding processes per worker (default: %(default)s; 0 decodes in the worker itself)",
     )  # fmt: skip
@@ -181,9 +213,11 @@ def request_from_args(args: argparse.Namespace) -> EvalRequest:
         threads=args.threads,
         dtype=args.dtype,
         image_size=args.image_size,
+        localizer=args.localizer,
+        model_options=tuple(args.model_options),
     )
     return EvalRequest(
-        checkpoints=tuple(args.checkpoint),
+        checkpoints=tuple(args.models),
         shards=args.shards,
         out=args.out,
         split=args.split,

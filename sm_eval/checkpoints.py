@@ -12,6 +12,11 @@ released model (:func:`sm_model.official.official_model`: official pixel convent
 resize, frozen backbone included), so that workers load it like any other and need no backbone
 file. Its run-time settings come from a training config's ``model:`` section
 (:class:`OfficialSettings`).
+
+A zero-shot model (``zero-shot:NAME``, :func:`sm_model.registry.zero_shot_config`) has no file: it
+is built here from its backbone weights (the timm hub, a local file, or ``random``) and shipped
+as a full checkpoint like the others, so that every worker predicts with the same weights and no
+worker downloads anything (a ViT-B is about 350 MB, a ViT-G about 4.5 GB).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -30,6 +35,7 @@ from pipelines.storage import Location, split_s3_url
 from sm_model.checkpoint import MODEL_FILE, checkpoint_bytes, read_checkpoint
 from sm_model.config import ModelConfig, from_dict
 from sm_model.official import official_layout, official_model
+from sm_model.registry import build_model, is_zero_shot_spec, zero_shot_config
 from sm_model.state_dicts import read_state_dict
 
 log = logging.getLogger(__name__)
@@ -48,11 +54,16 @@ class OfficialSettings:
     backbone_weights: str | None = None
 
 
+RANDOM_WEIGHTS = "random"
+"""``--backbone-weights`` value for a zero-shot model with untrained weights (smoke tests)."""
+
+
 @dataclass(frozen=True)
 class CheckpointFile:
     """A checkpoint read into memory: ``name`` for reports, ``source`` as the user gave it,
     ``path`` the file read, ``data`` its bytes, ``config`` the saved model config (a dict);
-    ``official``: read from a released checkpoint, ``data`` being its conversion."""
+    ``official``: read from a released checkpoint, ``data`` being its conversion; a zero-shot
+    model's ``path`` is its spec and ``data`` the checkpoint of the model built from it."""
 
     name: str
     source: str
@@ -121,6 +132,21 @@ def _converted_official(
     return checkpoint_bytes(model), dataclasses.asdict(model.config)
 
 
+def zero_shot_file(
+    spec: str, name: str, backbone_weights: str | None = None, overrides: Mapping[str, Any] | None = None
+) -> CheckpointFile:
+    """The zero-shot model ``spec`` (``zero-shot:NAME``) built with ``backbone_weights`` (``None``:
+    the timm hub; :data:`RANDOM_WEIGHTS`: untrained; else a local file) and the config
+    ``overrides`` (e.g. ``image_size``, ``localizer``, ``final_norm``), as a full checkpoint."""
+    weights = "hub" if backbone_weights is None else None if backbone_weights == RANDOM_WEIGHTS else backbone_weights
+    config = zero_shot_config(spec, weights, **dict(overrides or {}))
+    model = build_model(config)
+    log.info("model %s: zero-shot %s, weights %s, image size %d", name, config.backbone, weights or "random", config.image_size)
+    return CheckpointFile(
+        name=name, source=spec, path=spec, data=checkpoint_bytes(model), config=dataclasses.asdict(config)
+    )
+
+
 def official_model_config(path: str) -> ModelConfig:
     """The ``model:`` section of the training config YAML at ``path`` (local) as a :class:`ModelConfig`."""
     try:
@@ -139,15 +165,22 @@ def _not_found(source: str) -> str:
 
 
 def read_checkpoint_files(
-    sources: Sequence[str], endpoint_url: str | None = None, official: OfficialSettings | None = None
+    sources: Sequence[str],
+    endpoint_url: str | None = None,
+    official: OfficialSettings | None = None,
+    overrides: Mapping[str, Any] | None = None,
 ) -> list[CheckpointFile]:
-    """Every checkpoint of ``sources``, named by :func:`model_names`; released ones converted as
-    ``official`` says. ``ValueError`` when the number of official configs fits neither one for
-    all released checkpoints nor one each."""
+    """Every model of ``sources`` (checkpoints, or ``zero-shot:NAME`` specs built by
+    :func:`zero_shot_file` with ``official.backbone_weights`` and the config ``overrides``), named
+    by :func:`model_names`; released checkpoints converted as ``official`` says. ``ValueError``
+    when the number of official configs fits neither one for all released checkpoints nor one each."""
     official = official or OfficialSettings()
     configs = [official_model_config(path) for path in official.configs]
     files: list[CheckpointFile] = []
     for source, name in zip(sources, model_names(sources)):
+        if is_zero_shot_spec(source):
+            files.append(zero_shot_file(source, name, official.backbone_weights, overrides))
+            continue
         released = sum(file.official for file in files)
         config = configs[0] if len(configs) == 1 else configs[released] if released < len(configs) else None
         files.append(read_checkpoint_file(source, name, endpoint_url, config, official.backbone_weights))
@@ -157,16 +190,17 @@ def read_checkpoint_files(
             f"{len(configs)} --official-config for {released} released checkpoints: give one for all of them, "
             "or one per released checkpoint in the order of --checkpoint"
         )
-    if official.backbone_weights and not released:
-        log.warning("--backbone-weights is unused: no checkpoint is a released one")
+    if official.backbone_weights and not released and not any(map(is_zero_shot_spec, sources)):
+        log.warning("--backbone-weights is unused: no model is a released checkpoint or zero-shot")
     return files
 
 
 def model_names(sources: Sequence[str]) -> list[str]:
     """Short distinct names for checkpoint ``sources``: the last path component (without
     ``.pt``/``.pth``; a trailing ``/model.pt`` is dropped), with as many parent components as it
-    takes to tell them apart; identical sources get ``#2``, ``#3``. Characters other than letters,
-    digits and ``._-`` become ``_`` (the names go into file names)."""
+    takes to tell them apart (``zero-shot:NAME`` becomes ``zero-shot-NAME``); identical sources get
+    ``#2``, ``#3``. Characters other than letters, digits and ``._-`` become ``_`` (the names go
+    into file names)."""
     parts = [_components(source) for source in sources]
     depth = [1] * len(sources)
     while True:
@@ -182,7 +216,7 @@ def model_names(sources: Sequence[str]) -> list[str]:
     for name in names:
         seen[name] = seen.get(name, 0) + 1
         unique.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
-    return [re.sub(r"[^A-Za-z0-9._#-]", "_", name.replace("/", "-")) for name in unique]
+    return [re.sub(r"[^A-Za-z0-9._#-]", "_", name.replace("/", "-").replace(":", "-")) for name in unique]
 
 
 def _components(source: str) -> list[str]:

@@ -48,6 +48,7 @@ from sm_eval.report import (
     table_alpha,
 )
 from sm_eval.runner import BatchClock, EvalSettings, predict_split
+from sm_model.config import ModelConfig, from_dict, replace_fields
 from sm_model.pixels import from_resized_square
 
 log = logging.getLogger(__name__)
@@ -142,7 +143,9 @@ def evaluate(request: EvalRequest) -> dict[str, Any]:
         len(plan.shard_counts),
         list(plan.datasets),
     )
-    checkpoints = read_checkpoint_files(request.checkpoints, request.endpoint_url, request.official)
+    overrides = request.settings.model_overrides()
+    checkpoints = read_checkpoint_files(request.checkpoints, request.endpoint_url, request.official, overrides)
+    configs = {file.name: model_config(file, overrides) for file in checkpoints}  # bad overrides fail here
     settings, gpus = _resolve_device(request)
     records: dict[str, KeypointRecords] = {}
     timings: dict[str, float] = {}
@@ -169,10 +172,17 @@ def evaluate(request: EvalRequest) -> dict[str, Any]:
         for name in records
     }
     drawn = [p for f in match_files.values() for p in f]
-    report = _report(request, plan, checkpoints, records, timings, settings, gpus, drawn, clocks)
+    report = _report(request, plan, checkpoints, configs, records, timings, settings, gpus, drawn, clocks)
     _write_matches(out, plan, records, request, keys, match_files)
     _write_outputs(out, records, report)
     return report
+
+
+def model_config(checkpoint: CheckpointFile, overrides: Mapping[str, Any]) -> ModelConfig:
+    """The config ``checkpoint``'s model predicts with: its saved one with ``overrides`` (checked:
+    a ``ConfigError`` names the checkpoint and the key)."""
+    saved = from_dict(ModelConfig, checkpoint.config, f"{checkpoint.name} config")
+    return replace_fields(saved, overrides, f"{checkpoint.name} with {dict(overrides)}") if overrides else saved
 
 
 def _resolve_device(request: EvalRequest) -> tuple[EvalSettings, float]:
@@ -198,6 +208,7 @@ def _report(
     request: EvalRequest,
     plan: SplitPlan,
     checkpoints: Sequence[CheckpointFile],
+    configs: Mapping[str, ModelConfig],
     records: Mapping[str, KeypointRecords],
     timings: Mapping[str, float],
     settings: EvalSettings,
@@ -212,7 +223,9 @@ def _report(
             "checkpoint": checkpoint.path,
             "source": checkpoint.source,
             "config": checkpoint.config,
-            "image_size": settings.image_size or checkpoint.config["image_size"],
+            "kind": configs[checkpoint.name].kind,
+            "localizer": configs[checkpoint.name].localizer_method,
+            "image_size": configs[checkpoint.name].image_size,
             "seconds": round(timings[checkpoint.name], 3),
             "pairs_per_second": round(plan.num_pairs / timings[checkpoint.name], 3),
             # Start-up (model loading, loader processes, the first batch) apart from the steady rate.

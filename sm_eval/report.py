@@ -207,7 +207,8 @@ def _data_lines(data: Mapping[str, Any], models: Sequence[Mapping[str, Any]]) ->
     for model in models:
         config = model["config"]
         lines.append(
-            f"- `{model['name']}`: `{model['checkpoint']}` ({config.get('backbone')}, {model['image_size']} px input)"
+            f"- `{model['name']}`: `{model['checkpoint']}` ({model['kind']} on {config.get('backbone')}, "
+            f"{model['image_size']} px input, {model['localizer']} localizer)"
         )
     return lines
 

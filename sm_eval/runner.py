@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from tqdm import tqdm
 
 from pipelines.storage import Location
@@ -42,10 +43,12 @@ DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 @dataclass(frozen=True)
 class EvalSettings:
-    """How a worker predicts. ``image_size`` ``None`` keeps the checkpoint's; ``threads`` is the
-    torch CPU thread count in every worker and in the single process (keep it fixed across runs
-    you compare); ``device`` is ``"cpu"`` or ``"cuda"``; ``dtype`` a key of :data:`DTYPES`
-    (autocast). Records come in the original frame and carry what the resized frame needs."""
+    """How a worker predicts. ``image_size`` ``None`` keeps the checkpoint's; ``localizer`` ``None``
+    the model's (:data:`sm_model.localizers.LOCALIZERS`); ``model_options``: further model config
+    fields as ``key=value`` (YAML values, e.g. ``beta=0.04``, ``kernel_sigma=5``), for every model;
+    ``threads`` is the torch CPU thread count in every worker and in the single process (keep it
+    fixed across runs you compare); ``device`` is ``"cpu"`` or ``"cuda"``; ``dtype`` a key of
+    :data:`DTYPES` (autocast). Records come in the original frame and carry what the resized frame needs."""
 
     batch_size: int = 8
     loader_workers: int = 2
@@ -53,6 +56,8 @@ class EvalSettings:
     device: str = "cpu"
     dtype: str = "float32"
     image_size: int | None = None
+    localizer: str | None = None
+    model_options: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.threads < 1 or self.loader_workers < 0:
@@ -64,6 +69,25 @@ class EvalSettings:
             raise ValueError(f"unknown dtype {self.dtype!r}; expected one of {sorted(DTYPES)}")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"unknown device {self.device!r}; expected 'cpu' or 'cuda'")
+        self.model_overrides()  # a malformed option fails here, before any work
+
+    def model_overrides(self) -> dict[str, Any]:
+        """The model config fields these settings replace: ``image_size`` and ``localizer`` when
+        set, then ``model_options`` (``ValueError`` for one that is not ``key=value``)."""
+        overrides: dict[str, Any] = {}
+        if self.image_size is not None:
+            overrides["image_size"] = self.image_size
+        if self.localizer is not None:
+            overrides["localizer"] = self.localizer
+        for option in self.model_options:
+            key, sep, value = option.partition("=")
+            if not sep or not key.strip():
+                raise ValueError(f"model option {option!r} is not of the form key=value")
+            try:
+                overrides[key.strip()] = yaml.safe_load(value)
+            except yaml.YAMLError as error:
+                raise ValueError(f"model option {option!r}: the value is not valid YAML: {error}") from None
+        return overrides
 
 
 @contextlib.contextmanager
@@ -114,8 +138,7 @@ def worker_records(
     with torch_threads(settings.threads):
         device = torch.device(settings.device)
         started = time.perf_counter()
-        overrides = {} if settings.image_size is None else {"image_size": settings.image_size}
-        model = load_model(checkpoint, **overrides).eval().to(device)
+        model = load_model(checkpoint, **settings.model_overrides()).eval().to(device)
         log.info("model loaded on %s in %.1f s; reading %d shards", device, time.perf_counter() - started, len(names))
         batches = eval_batches(
             shards,

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sm_model.config import ModelConfig, from_dict
+from sm_model.config import ModelConfig, from_dict, replace_fields
 from sm_model.matcher import MatchModel
 from sm_model.registry import build_model
 from sm_model.state_dicts import check_state
@@ -143,7 +143,7 @@ def load_checkpoint(model: MatchModel, source: Source, name: str | None = None) 
 def load_model(source: Source, name: str | None = None, **overrides: Any) -> MatchModel:
     """The model saved in ``source``, rebuilt from its config with its weights loaded (CPU, in
     training mode as any new module). ``overrides`` replace config fields (run-time ones; see
-    :data:`ARCHITECTURE_FIELDS`).
+    :data:`ARCHITECTURE_FIELDS`), each checked as a config file's value (``ConfigError``).
 
     A full checkpoint holds every weight, so the model is built on the meta device (no random
     initialisation: seconds for a ViT-B) with ``weights=None`` and filled from the file. A
@@ -152,10 +152,13 @@ def load_model(source: Source, name: str | None = None, **overrides: Any) -> Mat
     name = name or (str(source) if not isinstance(source, bytes) else "checkpoint bytes")
     checkpoint = read_checkpoint(source, name)
     config = saved_config(checkpoint, name)
+    if not checkpoint["trainable_only"]:
+        overrides = {"weights": None, **overrides}
+    config = replace_fields(config, overrides, f"{name} with {overrides}") if overrides else config
     if checkpoint["trainable_only"]:
-        model = build_model(dataclasses.replace(config, **overrides))
+        model = build_model(config)
     else:
-        model = empty_model(dataclasses.replace(config, weights=None, **overrides))
+        model = empty_model(config)
     _load_state(model, checkpoint, name)
     return model
 

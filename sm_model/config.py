@@ -133,6 +133,8 @@ class ModelConfig:
         require(self, "image_size lora_rank decoder_channels window_size coarse_window_sizes", AT_LEAST_ONE)
         require(self, "lora_alpha beta kernel_sigma loss_temperature", POSITIVE)
         require(self, "target_window", Bound("an odd number of cells, at least 1", lambda value: value % 2 == 1))
+        require(self, "scale_weights", NON_NEGATIVE)
+        require(self, "decoder_dropout", Bound("in [0, 1)", lambda value: 0 <= value < 1))
         if self.kind == "zero-shot" and self.finetune != "frozen":
             raise ValueError(f"a zero-shot model trains nothing: finetune must be 'frozen', got {self.finetune!r}")
 
@@ -140,8 +142,6 @@ class ModelConfig:
     def localizer_method(self) -> Localizer:
         """``localizer``, or the kind's own (:data:`DEFAULT_LOCALIZERS`) when it is ``None``."""
         return self.localizer or DEFAULT_LOCALIZERS[self.kind]
-        require(self, "scale_weights", NON_NEGATIVE)
-        require(self, "decoder_dropout", Bound("in [0, 1)", lambda value: 0 <= value < 1))
 
 
 class ConfigError(ValueError):
@@ -178,6 +178,12 @@ def from_dict(cls: type, document: Mapping[str, Any], source: str, where: str = 
         raise ConfigError(f"{source}: {where}{error}") from None
     except (TypeError, ValueError) as error:  # a dataclass's own checks (__post_init__)
         raise ConfigError(f"{source}: {where.rstrip('.') or 'top level'}: {error}") from None
+
+
+def replace_fields(config: Any, overrides: Mapping[str, Any], source: str) -> Any:
+    """``config`` (a dataclass) with the fields in ``overrides`` replaced, each value checked as
+    :func:`from_dict` checks a file's (a ``ConfigError`` naming ``source`` and the key otherwise)."""
+    return from_dict(type(config), {**to_dict(config), **overrides}, source)
 
 
 def _coerce(value: Any, hint: Any, source: str, key: str) -> Any:

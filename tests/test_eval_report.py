@@ -61,7 +61,7 @@ def two_models() -> dict[str, KeypointRecords]:
 
 def report_for(records: Mapping[str, KeypointRecords]) -> dict[str, Any]:
     models = [
-        {"name": name, "checkpoint": f"/ckpt/{name}.pt", "config": {"backbone": "dinov2_vits14"}, "image_size": S,
+        {"name": name, "checkpoint": f"/ckpt/{name}.pt", "config": {"backbone": "dinov2_vits14"}, "kind": "simplematch", "localizer": "window", "image_size": S,
          "results": model_results(recs, ALPHAS, "<=")}
         for name, recs in records.items()
     ]  # fmt: skip
@@ -137,7 +137,7 @@ def test_both_frames_recomputed_by_hand_on_two_pairs() -> None:
               "categories": ["cat", "dog"], "shards_read": 1},
         protocol=protocol_statement("<=", ["img", "bbox"], figure_frame="resized"),
         alphas=[0.1, 0.2],
-        models=[{"name": "m", "checkpoint": "m.pt", "config": {}, "image_size": 100, "results": both}],
+        models=[{"name": "m", "checkpoint": "m.pt", "config": {}, "kind": "baseline", "localizer": "kernel", "image_size": 100, "results": both}],
         run={}, files={"pck_curve": "pck_curve.png"},
     )  # fmt: skip
     rows = markdown_table(render_markdown(report), "PCK per alpha over all pairs (%)")

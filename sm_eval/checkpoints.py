@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import torch
 import yaml
 
 from pipelines.storage import Location, split_s3_url
@@ -55,7 +56,9 @@ class OfficialSettings:
 
 
 RANDOM_WEIGHTS = "random"
-"""``--backbone-weights`` value for a zero-shot model with untrained weights (smoke tests)."""
+"""``--backbone-weights`` value for a zero-shot model with untrained weights (smoke tests), drawn
+from the seed :data:`RANDOM_WEIGHTS_SEED`, so that runs compare."""
+RANDOM_WEIGHTS_SEED = 0
 
 
 @dataclass(frozen=True)
@@ -136,11 +139,13 @@ def zero_shot_file(
     spec: str, name: str, backbone_weights: str | None = None, overrides: Mapping[str, Any] | None = None
 ) -> CheckpointFile:
     """The zero-shot model ``spec`` (``zero-shot:NAME``) built with ``backbone_weights`` (``None``:
-    the timm hub; :data:`RANDOM_WEIGHTS`: untrained; else a local file) and the config
+    the timm hub; :data:`RANDOM_WEIGHTS`: untrained, seeded; else a local file) and the config
     ``overrides`` (e.g. ``image_size``, ``localizer``, ``final_norm``), as a full checkpoint."""
     weights = "hub" if backbone_weights is None else None if backbone_weights == RANDOM_WEIGHTS else backbone_weights
     config = zero_shot_config(spec, weights, **dict(overrides or {}))
-    model = build_model(config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_WEIGHTS_SEED)  # untrained weights are the same in every run
+        model = build_model(config)
     log.info("model %s: zero-shot %s, weights %s, image size %d", name, config.backbone, weights or "random", config.image_size)
     return CheckpointFile(
         name=name, source=spec, path=spec, data=checkpoint_bytes(model), config=dataclasses.asdict(config)

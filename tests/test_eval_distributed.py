@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.storage import Location
+from sm_eval.checkpoints import RANDOM_WEIGHTS, OfficialSettings
 from sm_eval.evaluate import EvalRequest, evaluate
 from sm_eval.plan import read_split_plan
 from sm_eval.runner import EvalSettings
@@ -28,11 +29,16 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny(tmp_path_factory.mktemp("ckpt") / "tiny.pt", seed=0)
 
 
-def run(checkpoint: Path, shards: Path, out: Path, workers: int, loader_workers: int) -> dict:
-    settings = EvalSettings(batch_size=4, loader_workers=loader_workers, threads=1)
+def run(
+    checkpoint: Path | str, shards: Path, out: Path, workers: int, loader_workers: int, **settings: object
+) -> dict:
+    """``evaluate`` of one model (a checkpoint path or a ``zero-shot:`` spec, random weights) on
+    the test split; ``settings``: further :class:`EvalSettings` fields."""
+    eval_settings = EvalSettings(batch_size=4, loader_workers=loader_workers, threads=1, **settings)
     request = EvalRequest(
-        checkpoints=(str(checkpoint),), shards=str(shards), out=str(out), alphas=ALPHAS, settings=settings,
+        checkpoints=(str(checkpoint),), shards=str(shards), out=str(out), alphas=ALPHAS, settings=eval_settings,
         device="cpu", workers=workers, gpus_per_worker=0.0, matches=2, progress=False,
+        official=OfficialSettings(backbone_weights=RANDOM_WEIGHTS),
     )  # fmt: skip
     return evaluate(request)
 
@@ -53,6 +59,25 @@ def test_two_ray_workers_equal_the_single_process_bit_for_bit(
     assert report["models"][0]["results"] == single[1]["models"][0]["results"]
     assert report["run"]["workers"] == 2 and report["run"]["device"] == "cpu"
     assert (tmp_path / "report.md").read_text() == (single[0] / "report.md").read_text()
+
+
+def test_zero_shot_on_two_ray_workers_equals_in_process_bit_for_bit(
+    ray_cluster: str, demo_shards: Path, tmp_path: Path
+) -> None:
+    """The driver builds the zero-shot model once (random weights here) and ships its weights, so
+    the workers predict with exactly the in-process model's weights."""
+    zero_shot = {"image_size": 56, "localizer": "kernel", "model_options": ("kernel_sigma=2", "beta=0.04")}
+    local = run("zero-shot:dinov2_vits14", demo_shards, tmp_path / "local", workers=0, loader_workers=0, **zero_shot)
+    remote = run("zero-shot:dinov2_vits14", demo_shards, tmp_path / "ray", workers=2, loader_workers=1, **zero_shot)
+    parquet = "predictions.parquet"
+    assert (tmp_path / "ray" / parquet).read_bytes() == (tmp_path / "local" / parquet).read_bytes()
+    assert remote["models"][0]["results"] == local["models"][0]["results"]
+    model = remote["models"][0]
+    assert (model["name"], model["kind"], model["localizer"], model["image_size"]) == (
+        "zero-shot-dinov2_vits14", "zero-shot", "kernel", 56
+    )
+    assert model["config"]["finetune"] == "frozen" and model["config"]["final_norm"] is True
+    assert remote["run"]["workers"] == 2 and tuple(remote["run"]["model_options"]) == ("kernel_sigma=2", "beta=0.04")
 
 
 def test_corrupt_shard_error_comes_through_ray_naming_the_shard(

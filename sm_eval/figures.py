@@ -151,3 +151,97 @@ def matches_image(
         for x, y in (a, b):
             draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
     return canvas
+
+
+# ---- scored matches (python -m sm_eval.match) --------------------------------------------------
+
+SCORE_COLOURS = ((0.0, (215, 48, 39)), (0.5, (254, 224, 139)), (1.0, (26, 152, 80)))
+"""The colour scale of match scores, red through yellow to green (ColorBrewer's RdYlGn ends and
+middle): ``(score, RGB)`` anchors, linear between them."""
+SCORE_RANGE = (0.0, 1.0)
+"""Scores drawn at the two ends of :data:`SCORE_COLOURS`; a cosine similarity below 0 is drawn as 0."""
+
+
+def score_colour(score: float, score_range: tuple[float, float] = SCORE_RANGE) -> tuple[int, int, int]:
+    """The RGB colour of ``score`` on :data:`SCORE_COLOURS` stretched over ``score_range``
+    (clamped at its ends; a non-finite score is grey)."""
+    if not np.isfinite(score):
+        return (128, 128, 128)
+    low, high = score_range
+    t = min(1.0, max(0.0, (score - low) / (high - low)))
+    for (t0, c0), (t1, c1) in zip(SCORE_COLOURS, SCORE_COLOURS[1:]):
+        if t <= t1:
+            f = (t - t0) / (t1 - t0)
+            return tuple(round(a + f * (b - a)) for a, b in zip(c0, c1))  # type: ignore[return-value]
+    return SCORE_COLOURS[-1][1]
+
+
+def scored_matches_image(
+    src_image: np.ndarray,
+    trg_image: np.ndarray,
+    src_points: np.ndarray,
+    trg_points: np.ndarray,
+    scores: np.ndarray,
+    caption: str,
+    height: int | None = None,
+    score_range: tuple[float, float] = SCORE_RANGE,
+) -> Image.Image:
+    """Source (left) and target (right) side by side, both scaled to ``height`` (default: the
+    taller image's height, kept within 240..720 pixels), a line from each source point to its
+    match coloured by its score (:func:`score_colour`; the best-scoring lines on top), and a
+    colour bar of the score scale under the images. ``src_image``/``trg_image`` ``(H, W, 3)``
+    uint8; ``src_points``, ``trg_points`` ``(N, 2)`` original pixels of their images (pixel
+    centres at integers); ``scores`` ``(N,)``. Lines and dots get thinner when there are many."""
+    if not score_range[1] > score_range[0]:
+        raise ValueError(f"score_range must be (low, high) with low < high, got {score_range}")
+    if height is None:
+        height = int(min(720, max(240, src_image.shape[0], trg_image.shape[0])))
+    header, gap, footer = 26, 8, 38
+    scales = (height / src_image.shape[0], height / trg_image.shape[0])
+    src, trg = (
+        Image.fromarray(image).resize((max(1, round(image.shape[1] * scale)), height), Image.BILINEAR)
+        for image, scale in zip((src_image, trg_image), scales)
+    )
+    width = src.width + gap + trg.width
+    canvas = Image.new("RGB", (width, header + height + footer), "white")
+    canvas.paste(src, (0, header))
+    canvas.paste(trg, (src.width + gap, header))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((4, 5), caption, fill="black", font=_font(14))
+
+    def place(point: np.ndarray, scale: float, x_offset: float) -> tuple[float, float]:
+        # Pixel centres sit at integer coordinates: scale (x + 0.5), not x.
+        return (point[0] + 0.5) * scale - 0.5 + x_offset, (point[1] + 0.5) * scale - 0.5 + header
+
+    scores = np.asarray(scores, dtype=np.float64)
+    many = len(scores) > 200
+    line_width, radius = (1, 1.5) if many else (2, 3)
+    trg_offset = src.width + gap
+    order = np.argsort(np.nan_to_num(scores, nan=-np.inf), kind="stable")  # best matches drawn last, on top
+    for index in order:
+        colour = score_colour(float(scores[index]), score_range)
+        a, b = place(src_points[index], scales[0], 0), place(trg_points[index], scales[1], trg_offset)
+        draw.line([a, b], fill=colour, width=line_width)
+        for x, y in (a, b):
+            draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=colour)
+    _score_bar(draw, width, header + height + 8, score_range)
+    return canvas
+
+
+def _score_bar(draw: ImageDraw.ImageDraw, width: int, top: int, score_range: tuple[float, float]) -> None:
+    """The colour bar of :func:`scored_matches_image`: ``score`` then a gradient from
+    ``score_range[0]`` to ``score_range[1]`` with ticks at both ends and the middle."""
+    small = _font(12)
+    left = 52
+    right = max(left + 60, min(width - 24, left + 300))
+    draw.text((4, top + 5), "score", fill="black", font=small, anchor="lm")
+    low, high = score_range
+    for x in range(left, right + 1):
+        draw.line(
+            [(x, top), (x, top + 10)], fill=score_colour(low + (high - low) * (x - left) / (right - left), score_range)
+        )
+    draw.rectangle([left, top, right, top + 10], outline=(90, 90, 90))
+    for fraction in (0.0, 0.5, 1.0):
+        x = left + fraction * (right - left)
+        draw.line([(x, top + 10), (x, top + 13)], fill="black")
+        draw.text((x, top + 14), f"{low + fraction * (high - low):g}", fill="black", font=small, anchor="mt")

@@ -1,11 +1,13 @@
 """The quickstart notebook runs headless from top to bottom (shortened training) and shows its
-pictures inline."""
+pictures inline, its last section matching points on two images with sm_eval.match."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import nbformat
+import PIL.Image
 from nbclient import NotebookClient
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.ipynb"
@@ -27,6 +29,14 @@ def test_quickstart_notebook_executes(ray_cluster: str, tmp_path: Path, monkeypa
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert "val PCK@0.1 before training" in text and "trn: 300 pairs written, 0 rejected" in text
     pictures = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(pictures) >= 1 + 1 + 3  # preview, PCK curve, three match pictures
+    assert len(pictures) >= 1 + 1 + 3 + 1  # preview, PCK curve, three match pictures, matches on one's own images
     assert any("PCK" in o.get("data", {}).get("text/markdown", "") for o in outputs)
     assert (work / "data" / "quickstart" / "eval" / "report.json").exists()
+
+    # Section 4: sm_eval.match on chelsea and a perspective view of it.
+    assert "points matched, mean score" in text and "median error" in text
+    match_dir = work / "data" / "quickstart" / "match"
+    document = json.loads((match_dir / "matches.json").read_text())
+    assert document["count"] == len(document["matches"]) > 0 and document["model"]["kind"] == "simplematch"
+    assert all(-1 <= match["score"] <= 1 for match in document["matches"])
+    assert PIL.Image.open(match_dir / "matches.png").width > document["target_image"]["width"]

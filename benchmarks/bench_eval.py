@@ -45,7 +45,8 @@ from sm_eval.predict import eval_batches, predict_batch
 from sm_eval.runner import DTYPES, EvalSettings, predict_split, torch_threads
 from sm_model.checkpoint import save_checkpoint
 from sm_model.config import ModelConfig
-from sm_model.simplematch import SimpleMatch
+from sm_model.matcher import MatchModel
+from sm_model.registry import build_model
 
 ALPHAS = (0.01, 0.05, 0.1, 0.15)
 
@@ -66,7 +67,7 @@ def make_demo_shards(work: Path, pairs_per_category: int) -> Path:
     return out
 
 
-def predict_only(model: SimpleMatch, plan: SplitPlan, settings: EvalSettings, repeats: int) -> float:
+def predict_only(model: MatchModel, plan: SplitPlan, settings: EvalSettings, repeats: int) -> float:
     """Pairs/s of ``predict_batch`` alone over the split's batches, decoded onto the device beforehand."""
     device = torch.device(settings.device)
     batches = [
@@ -153,7 +154,7 @@ def main() -> None:
             shards = Location(str(make_demo_shards(work, pairs_per_category)))
         plan = read_split_plan(shards, args.split)
         torch.manual_seed(0)
-        model = SimpleMatch(config).eval()
+        model = build_model(config).eval()
         save_checkpoint(model, work / "model.pt")
         checkpoint = read_checkpoint_file(str(work / "model.pt"), "bench")
         model = model.to(args.device)

@@ -198,7 +198,7 @@ def model_figures(shards: Location, entries: list, args: argparse.Namespace, dev
     from sm_eval.predict import eval_batches, predict_batch
     from sm_eval.runner import DTYPES, EvalSettings, worker_records
     from sm_model.checkpoint import save_checkpoint
-    from sm_model.simplematch import SimpleMatch
+    from sm_model.registry import build_model
     from sm_train.augment import PairAugmentation
     from sm_train.config import load_config
     from sm_train.loop import autocast_dtype_for, build_optimizer, train_step
@@ -209,8 +209,8 @@ def model_figures(shards: Location, entries: list, args: argparse.Namespace, dev
     config = load_config(REPO_ROOT / "configs/dinov2_vitb14_252_spair.yaml", overrides)
     dtype = autocast_dtype_for(config.train.precision, device)
     torch.manual_seed(0)
-    model = SimpleMatch(config.model).to(device)
-    optimizer = build_optimizer(config.optim, [p for p in model.parameters() if p.requires_grad])
+    model = build_model(config.model).to(device)
+    optimizer = build_optimizer(config.optim, model)
     augment = PairAugmentation(config.augment).to(device)
     plan = plan_epoch(split_shards(shards, args.split), 1, config.train.batch_size, 0, 0)
     steps = min(plan.steps, args.train_steps + 1)

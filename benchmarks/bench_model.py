@@ -59,8 +59,8 @@ from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
 from sm_model.config import ModelConfig
-from sm_model.loss import keypoint_loss
 from sm_model.localizers import dense_soft_argmax, window_soft_argmax
+from sm_model.loss import keypoint_loss
 from sm_model.matching import cosine_similarity, sample_keypoint_features
 from sm_model.pixels import cells_to_pixels, pixels_to_cells
 from sm_model.simplematch import SimpleMatch

@@ -27,11 +27,11 @@ from pipelines.builders.demo import CATEGORIES, generate
 from pipelines.reader import split_shards
 from pipelines.shard import shard_dataset
 from pipelines.storage import Location
-from sm_model.simplematch import SimpleMatch
+from sm_model.registry import build_model
 from sm_train.augment import PairAugmentation
 from sm_train.config import TrainConfig, load_config, resolve_paths
 from sm_train.data import pair_batches, plan_epoch
-from sm_train.loop import autocast_dtype_for, build_optimizer, train_step
+from sm_train.loop import autocast_dtype_for, build_optimizer, build_scheduler, train_step
 from sm_train.trainer import build_trainer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -51,9 +51,9 @@ def plain_rate(config: TrainConfig, steps: int) -> float:
     device = torch.device("cuda" if config.run.use_gpu else "cpu")
     torch.set_num_threads(max(1, int(config.run.cpus_per_worker)))
     torch.manual_seed(config.train.seed)
-    model = SimpleMatch(config.model).to(device)
-    optimizer = build_optimizer(config.optim, [p for p in model.parameters() if p.requires_grad])
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, config.optim.lr_step_iterations, config.optim.lr_gamma)
+    model = build_model(config.model).to(device)  # any model.kind the config names
+    optimizer = build_optimizer(config.optim, model)
+    scheduler = build_scheduler(config.optim, optimizer)
     augment = PairAugmentation(config.augment).to(device)
     shards = Location(config.data.shards)
     plan = plan_epoch(split_shards(shards, config.data.train_split), 1, config.train.batch_size, config.train.seed, 0)
@@ -73,7 +73,8 @@ def plain_rate(config: TrainConfig, steps: int) -> float:
         device=device,
     ):
         loss = train_step(model, model, augment, optimizer, batch.to(device, non_blocking=True), config, autocast_dtype)
-        scheduler.step()
+        if config.optim.lr_schedule == "iterations":
+            scheduler.step()  # an epoch schedule steps after the epoch: not within these steps
         done += 1
     float(loss)  # wait for the device
     return done * config.train.batch_size / (time.perf_counter() - start)
@@ -115,8 +116,9 @@ def main() -> None:
             *args.overrides,
         ]
         config = resolve_paths(load_config(args.config, overrides), Path.cwd())
-        print(f"model {config.model.backbone} at {config.model.image_size}, batch {config.train.batch_size}, "
-              f"{args.steps} steps, loader workers {config.data.loader_workers}, gpu {config.run.use_gpu}")
+        print(f"model {config.model.kind} {config.model.backbone} at {config.model.image_size}, "
+              f"batch {config.train.batch_size}, {args.steps} steps, loader workers {config.data.loader_workers}, "
+              f"gpu {config.run.use_gpu}")
         plain = plain_rate(config, args.steps)
         print(f"plain single-process loop : {plain:8.2f} pairs/s")
         distributed = ray_rate(config)

@@ -25,8 +25,8 @@ from pipelines.storage import Location
 from sm_eval.pck import FLAG_COLUMNS, KeypointRecords, records_for_pair
 from sm_model.batches import PairBatch, PairRef, assemble_batch, pair_refs, pins_memory, to_device
 from sm_model.config import ImageResize
-from sm_model.pixels import normalize_images
 from sm_model.matcher import MatchModel
+from sm_model.pixels import normalize_images
 
 
 def predict_batch(model: MatchModel, batch: PairBatch, autocast_dtype: torch.dtype | None = None):

@@ -1,5 +1,5 @@
-"""``python -m sm_train --config configs/<name>.yaml [section.key=value ...]``: train SimpleMatch
-with Ray Train.
+"""``python -m sm_train --config configs/<name>.yaml [section.key=value ...]``: train a model
+(``model.kind``: SimpleMatch, or the survey's ``baseline``) with Ray Train.
 
 Runs on the Ray cluster named by ``RAY_ADDRESS`` (or the one ``ray job submit`` attached the job
 to); without one it starts a local Ray instance. Starting again with the same ``run.name`` and

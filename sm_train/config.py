@@ -15,7 +15,7 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, get_type_hints
+from typing import Any, Literal, get_args, get_type_hints
 
 import yaml
 
@@ -27,6 +27,8 @@ from sm_model.config import (
     Bound,
     ConfigError,
     ModelConfig,
+    ModelKind,
+    OutOfRange,
     from_dict,
     require,
     to_dict,
@@ -40,6 +42,9 @@ ValFrame = Literal["original", "resized"]
 """The PCK frames of :mod:`sm_eval.pck` (``FRAMES``), named here so that reading a config needs no torch."""
 PairDraws = Literal["independent", "official"]
 OptimizerName = Literal["adam", "adamw", "sgd"]
+LrSchedule = Literal["iterations", "epochs"]
+TRAINABLE_KINDS = ("simplematch", "baseline")
+"""The model kinds ``sm_train`` trains (``zero-shot`` trains nothing: ``sm_eval`` scores it as it is)."""
 
 
 @dataclass(frozen=True)
@@ -139,23 +144,44 @@ class AugmentConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """Optimizer and the per-iteration step schedule: the learning rate is multiplied by
-    ``lr_gamma`` every ``lr_step_iterations`` optimizer steps (the official schedule).
+    """Optimizer, learning rates and the learning-rate schedule.
+
+    ``lr``: the learning rate of every trainable parameter, or, when ``backbone_lr`` is set, of
+    those outside the backbone (the head: SimpleMatch's decoder); ``backbone_lr``: the learning
+    rate of the backbone's trainable parameters (``None``: ``lr`` for all, one parameter group).
+    ``weight_decay`` (both groups) and ``momentum`` (``sgd``).
+
+    ``lr_schedule``: ``iterations`` (the SimpleMatch official schedule; default) multiplies every
+    learning rate by ``lr_gamma`` every ``lr_step_iterations`` optimizer steps; ``epochs`` (the
+    survey's baseline: ``MultiStepLR``) multiplies them by ``lr_gamma`` at the end of each epoch
+    listed in ``lr_milestones`` (positive, increasing; e.g. ``[1, 2]``: halved after the first and
+    the second epoch with ``lr_gamma: 0.5``; empty: a constant rate). ``lr_milestones`` belong to
+    the ``epochs`` schedule and ``lr_step_iterations`` to ``iterations``.
     ``grad_clip_norm``: clip the global gradient norm (``None``: no clipping)."""
 
     optimizer: OptimizerName = "adam"
     lr: float = 6e-4
+    backbone_lr: float | None = None
     weight_decay: float = 0.0
     momentum: float = 0.9
+    lr_schedule: LrSchedule = "iterations"
     lr_step_iterations: int = 800
+    lr_milestones: tuple[int, ...] = ()
     lr_gamma: float = 0.95
     grad_clip_norm: float | None = None
 
     def __post_init__(self) -> None:
-        require(self, "lr grad_clip_norm", POSITIVE)
+        require(self, "lr backbone_lr grad_clip_norm", POSITIVE)
         require(self, "weight_decay momentum", NON_NEGATIVE)
-        require(self, "lr_step_iterations", AT_LEAST_ONE)
+        require(self, "lr_step_iterations lr_milestones", AT_LEAST_ONE)
         require(self, "lr_gamma", Bound("in (0, 1]", lambda value: 0 < value <= 1))
+        if any(a >= b for a, b in zip(self.lr_milestones, self.lr_milestones[1:])):
+            raise OutOfRange(f"lr_milestones must be increasing epochs, got {list(self.lr_milestones)}")
+        if self.lr_milestones and self.lr_schedule != "epochs":
+            raise OutOfRange(
+                f"lr_milestones {list(self.lr_milestones)} need lr_schedule 'epochs' "
+                f"(the '{self.lr_schedule}' schedule steps every lr_step_iterations)"
+            )
 
 
 @dataclass(frozen=True)
@@ -225,7 +251,8 @@ class RunSettings:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything a training run needs; one section per concern."""
+    """Everything a training run needs; one section per concern. ``model.kind`` must be one of
+    :data:`TRAINABLE_KINDS`."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -233,6 +260,18 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
     run: RunSettings = field(default_factory=RunSettings)
+
+    def __post_init__(self) -> None:
+        if self.model.kind not in TRAINABLE_KINDS:
+            raise OutOfRange(untrainable_kind(self.model.kind, self.model.backbone))
+
+
+def untrainable_kind(kind: str, backbone: str) -> str:
+    """Why ``model.kind`` cannot be trained (an :class:`OutOfRange` message naming the key)."""
+    return (
+        f"model.kind must be one of {list(TRAINABLE_KINDS)} to train, got {kind!r}: a zero-shot model "
+        f"trains nothing; evaluate it with python -m sm_eval --model zero-shot:{backbone}"
+    )
 
 
 def val_metric(alpha: float, per_keypoint: bool = False) -> str:
@@ -262,6 +301,16 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         set_dotted(document, key, value, source=f"override {override!r}")
     if overrides:
         source += f" with overrides {' '.join(overrides)}"
+    return train_config(document, source)
+
+
+def train_config(document: dict[str, Any], source: str) -> TrainConfig:
+    """:func:`from_dict` of a whole training config document, refusing a model kind that trains
+    nothing before the model section's own checks (which would ask a zero-shot model to be
+    frozen, a setting training refuses anyway; ``TrainConfig`` checks the kind too)."""
+    model = document.get("model") if isinstance(document.get("model"), dict) else {}
+    if model.get("kind") in get_args(ModelKind) and model["kind"] not in TRAINABLE_KINDS:
+        raise ConfigError(f"{source}: {untrainable_kind(model['kind'], model.get('backbone', ModelConfig.backbone))}")
     return from_dict(TrainConfig, document, source)
 
 

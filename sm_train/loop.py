@@ -1,11 +1,14 @@
 """The training loop each Ray Train worker runs: ``train_loop_per_worker``.
 
-Per epoch every worker reads its exact share of the training pairs (:func:`sm_train.data.plan_epoch`),
-augments on the device, steps the optimizer and the per-iteration LR schedule, then all workers
-validate their share of the val shards; rank 0 scores the gathered per-keypoint records with
-:mod:`sm_eval.pck` and reports them with a checkpoint. Mid-epoch checkpoints (``checkpoint_every_steps``)
-carry the position in the epoch, so a restarted worker group (``FailureConfig``) or a resubmitted
-run (same ``name`` and ``storage_path``) continues exactly where the last checkpoint left off.
+Any trainable model kind (:func:`sm_model.registry.build_model`; ``simplematch`` or ``baseline``)
+trains here unchanged. Per epoch every worker reads its exact share of the training pairs
+(:func:`sm_train.data.plan_epoch`), augments on the device, steps the optimizer and the
+learning-rate schedule (:func:`build_scheduler`: per iteration, or per epoch at the epoch's end,
+before its checkpoint), then all workers validate their share of the val shards; rank 0 scores
+the gathered per-keypoint records with :mod:`sm_eval.pck` and reports them with a checkpoint.
+Mid-epoch checkpoints (``checkpoint_every_steps``) carry the position in the epoch, so a restarted
+worker group (``FailureConfig``) or a resubmitted run (same ``name`` and ``storage_path``)
+continues exactly where the last checkpoint left off.
 
 A checkpoint directory holds ``model.pt`` (:func:`sm_model.save_checkpoint`, full weights,
 loadable by ``sm_eval``), ``train_state.pt`` (optimizer, scheduler, position) and ``config.yaml``.
@@ -36,8 +39,8 @@ from sm_eval.predict import predict_records
 from sm_model.batches import PairBatch
 from sm_model.checkpoint import MODEL_FILE, load_checkpoint, save_checkpoint
 from sm_model.config import from_dict
-from sm_model.pixels import normalize_images, original_to_input_pixels
 from sm_model.matcher import MatchModel
+from sm_model.pixels import normalize_images, original_to_input_pixels
 from sm_model.registry import build_model
 from sm_train.augment import PairAugmentation
 from sm_train.config import SELECTION_METRIC, OptimConfig, TrainConfig, dump_yaml, val_metric
@@ -75,8 +78,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     autocast_dtype = autocast_dtype_for(config.train.precision, device)
 
     model = build_model(config.model).to(device)
-    optimizer = build_optimizer(config.optim, [p for p in model.parameters() if p.requires_grad])
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, config.optim.lr_step_iterations, config.optim.lr_gamma)
+    optimizer = build_optimizer(config.optim, model)
+    scheduler = build_scheduler(config.optim, optimizer)
+    per_iteration = config.optim.lr_schedule == "iterations"
     position = Position()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -134,13 +138,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         for batch in batches:
             batch = batch.to(device, non_blocking=True)
             loss = train_step(trained, model, augment, optimizer, batch, config, autocast_dtype)
-            scheduler.step()
+            if per_iteration:
+                scheduler.step()
             position.step += 1
             position.global_step += 1
             seen += [meta.key for meta in batch.meta]
             window.add(loss, len(batch))
             if position.step % config.train.log_every_steps == 0 or position.step == steps:
-                metrics = window.summary(world_size) | {"lr": scheduler.get_last_lr()[0]}
+                metrics = window.summary(world_size) | learning_rates(optimizer)
                 if rank == 0:
                     logger.info("epoch %d step %d/%d %s", epoch, position.step, steps, _format_metrics(metrics))
                     _log_scalars(writer, {f"train/{k}": v for k, v in metrics.items()}, position.global_step)
@@ -153,13 +158,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         throughput = (position.step - first_step) * config.train.batch_size * world_size / (time.perf_counter() - epoch_start)
         audit = audit_epoch(seen, trained if world_size > 1 else None)
         val = validation_metrics(model, shards, val_shards, config, device, autocast_dtype)
+        if not per_iteration:
+            scheduler.step()  # the epoch is done: its checkpoint below holds the next epoch's rates
         position.epoch, position.step = epoch + 1, 0
         metrics = {
             **val,
             **position.initial_val,
             **audit,
             "epoch": epoch + 1,
-            "lr": scheduler.get_last_lr()[0],
+            **learning_rates(optimizer),
             "train/pairs_per_s": throughput,
             **_memory(device),
         }
@@ -212,13 +219,51 @@ def train_step(
     return loss.detach()
 
 
-def build_optimizer(config: OptimConfig, parameters: list[nn.Parameter]) -> torch.optim.Optimizer:
-    """The optimizer named by ``config`` over ``parameters`` (the trainable ones)."""
+def parameter_groups(config: OptimConfig, model: MatchModel) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups over ``model``'s trainable parameters, in the model's
+    parameter order. Without ``config.backbone_lr``: one group at ``config.lr``. With it: the
+    backbone's (``model.backbone``) at ``backbone_lr``, then the rest (the head) at ``lr``; an
+    empty group is left out (a ``baseline`` has no head). The last group is the head's whenever
+    the model has one (:func:`learning_rates`)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if config.backbone_lr is None:
+        return [{"params": trainable, "lr": config.lr}]
+    in_backbone = {id(p) for p in model.backbone.parameters()}
+    backbone = [p for p in trainable if id(p) in in_backbone]
+    head = [p for p in trainable if id(p) not in in_backbone]
+    groups = [{"params": backbone, "lr": config.backbone_lr}, {"params": head, "lr": config.lr}]
+    return [group for group in groups if group["params"]]
+
+
+def build_optimizer(config: OptimConfig, model: MatchModel) -> torch.optim.Optimizer:
+    """The optimizer named by ``config`` over ``model``'s trainable parameters
+    (:func:`parameter_groups`). Built on the bare model, before DDP wraps it: the wrapper trains
+    the same parameter tensors."""
+    groups = parameter_groups(config, model)
     if config.optimizer == "adam":
-        return torch.optim.Adam(parameters, lr=config.lr, weight_decay=config.weight_decay)
+        return torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
     if config.optimizer == "adamw":
-        return torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+
+
+def build_scheduler(config: OptimConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    """The learning-rate schedule of ``config.lr_schedule`` (every group alike): ``iterations``, a
+    ``StepLR`` stepped after every optimizer step (``lr_gamma`` every ``lr_step_iterations``);
+    ``epochs``, a ``MultiStepLR`` stepped at the end of every epoch (``lr_gamma`` after each epoch of
+    ``lr_milestones``)."""
+    if config.lr_schedule == "epochs":
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, list(config.lr_milestones), config.lr_gamma)
+    return torch.optim.lr_scheduler.StepLR(optimizer, config.lr_step_iterations, config.lr_gamma)
+
+
+def learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """The logged rates: ``lr`` of the last parameter group (the head's, or the only one's) and,
+    with two groups, ``lr/backbone``."""
+    rates = {"lr": optimizer.param_groups[-1]["lr"]}
+    if len(optimizer.param_groups) > 1:
+        rates["lr/backbone"] = optimizer.param_groups[0]["lr"]
+    return rates
 
 
 def validation_metrics(

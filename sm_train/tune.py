@@ -54,6 +54,7 @@ from sm_train.config import (
     resolve_paths,
     set_dotted,
     to_dict,
+    train_config,
 )
 from sm_train.trainer import build_trainer
 
@@ -285,7 +286,7 @@ def _apply(base: TrainConfig, assignments: Mapping[str, Any], source: str) -> Tr
     document = to_dict(base)
     for key, value in assignments.items():
         set_dotted(document, key, value, source)
-    return from_dict(TrainConfig, document, source)
+    return train_config(document, source)
 
 
 def _cell(value: Any) -> Any:

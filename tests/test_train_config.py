@@ -58,8 +58,9 @@ def test_paper_configs_use_the_official_pair_draws_and_the_resized_val_frame() -
     assert get_args(ValFrame) == FRAMES  # the config's names are sm_eval.pck's frames
     for path in CONFIGS:
         config = load_config(path)
-        geometry = config.augment.crop_p > 0 or config.augment.rotation_p > 0
-        paper = path.stem != "demo"
+        # The baseline configs train without augmentation, as the survey's code does by default.
+        geometry = config.augment.enabled and (config.augment.crop_p > 0 or config.augment.rotation_p > 0)
+        paper = not path.stem.endswith("demo")
         assert config.augment.pair_draws == ("official" if paper and geometry else "independent"), path.stem
         assert config.train.val_frame == ("resized" if paper else "original"), path.stem
     with pytest.raises(ConfigError, match=r"train\.val_frame='square' is not one of \['original', 'resized'\]"):
@@ -191,6 +192,9 @@ OUT_OF_RANGE = [
     "optim.lr_gamma=1.5",
     "optim.grad_clip_norm=0",
     "optim.grad_clip_norm=.inf",
+    "optim.backbone_lr=0",
+    "optim.backbone_lr=.nan",
+    "optim.lr_milestones=[0, 2]",
     "model.image_size=-128",
     "model.beta=.nan",
     "model.decoder_dropout=1",
@@ -210,6 +214,19 @@ def test_out_of_range_values_are_rejected_naming_the_key(override: str) -> None:
     key = override.split("=")[0]
     with pytest.raises(ConfigError, match=rf"with overrides {re.escape(override)}: {re.escape(key)} must be "):
         load_config(None, [override])
+
+
+def test_learning_rate_schedules_and_groups_are_checked() -> None:
+    config = load_config(None, ["optim.lr_schedule=epochs", "optim.lr_milestones=[1, 2]", "optim.backbone_lr=1e-5"])
+    assert (config.optim.lr_schedule, config.optim.lr_milestones, config.optim.backbone_lr) == ("epochs", (1, 2), 1e-5)
+    defaults = load_config(None).optim  # today's per-iteration StepLR, one learning rate
+    assert (defaults.lr_schedule, defaults.lr_milestones, defaults.backbone_lr) == ("iterations", (), None)
+    with pytest.raises(ConfigError, match=r"optim\.lr_milestones must be increasing epochs, got \[2, 1\]"):
+        load_config(None, ["optim.lr_schedule=epochs", "optim.lr_milestones=[2, 1]"])
+    with pytest.raises(ConfigError, match=r"optim\.lr_milestones \[1\] need lr_schedule 'epochs'"):
+        load_config(None, ["optim.lr_milestones=[1]"])
+    with pytest.raises(ConfigError, match=r"optim\.lr_schedule='steps' is not one of \['iterations', 'epochs'\]"):
+        load_config(None, ["optim.lr_schedule=steps"])
 
 
 @pytest.mark.parametrize("name", ["../elsewhere", "a/b", "/abs", "..", ".", "", "a\\b"])

@@ -6,7 +6,7 @@ Pure functions from numbers and pixels to ``PIL.Image``; :func:`png_bytes` encod
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import cache
 
 import numpy as np
@@ -112,6 +112,34 @@ def _polyline(
 # ---- matches -----------------------------------------------------------------------------------
 
 
+def _side_by_side(
+    src_image: np.ndarray, trg_image: np.ndarray, height: int, caption: str, footer: int = 0
+) -> tuple[Image.Image, ImageDraw.ImageDraw, Callable[[np.ndarray, int], tuple[float, float]]]:
+    """A white canvas with ``caption`` on top, then source and target (``(H, W, 3)`` uint8) side by
+    side, both scaled to ``height``, and ``footer`` empty pixels below. Returns the canvas, its
+    drawing context and ``place(point, side)``: the canvas position of ``point`` (original pixels,
+    pixel centres at integers) of the source (``side`` 0) or the target (1)."""
+    header, gap = 26, 8
+    scales = (height / src_image.shape[0], height / trg_image.shape[0])
+    src, trg = (
+        Image.fromarray(image).resize((max(1, round(image.shape[1] * scale)), height), Image.BILINEAR)
+        for image, scale in zip((src_image, trg_image), scales)
+    )
+    canvas = Image.new("RGB", (src.width + gap + trg.width, header + height + footer), "white")
+    canvas.paste(src, (0, header))
+    canvas.paste(trg, (src.width + gap, header))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((4, 5), caption, fill="black", font=_font(14))
+    offsets = (0, src.width + gap)
+
+    def place(point: np.ndarray, side: int) -> tuple[float, float]:
+        # Pixel centres sit at integer coordinates: scale (x + 0.5), not x.
+        scale = scales[side]
+        return (point[0] + 0.5) * scale - 0.5 + offsets[side], (point[1] + 0.5) * scale - 0.5 + header
+
+    return canvas, draw, place
+
+
 def matches_image(
     src_image: np.ndarray,
     trg_image: np.ndarray,
@@ -126,26 +154,10 @@ def matches_image(
     to its predicted target position, green where ``correct`` and red where not; the ground truth
     is a white ring. ``src_image``/``trg_image`` ``(H, W, 3)`` uint8; ``src_kps``, ``pred_kps``,
     ``gt_kps`` ``(K, 2)`` original pixels of their images; ``correct`` ``(K,)`` bool."""
-    header, gap = 26, 8
-    scales = (height / src_image.shape[0], height / trg_image.shape[0])
-    src, trg = (
-        Image.fromarray(image).resize((max(1, round(image.shape[1] * scale)), height), Image.BILINEAR)
-        for image, scale in zip((src_image, trg_image), scales)
-    )
-    canvas = Image.new("RGB", (src.width + gap + trg.width, header + height), "white")
-    canvas.paste(src, (0, header))
-    canvas.paste(trg, (src.width + gap, header))
-    draw = ImageDraw.Draw(canvas)
-    draw.text((4, 5), caption, fill="black", font=_font(14))
-
-    def place(point: np.ndarray, scale: float, x_offset: float) -> tuple[float, float]:
-        # Pixel centres sit at integer coordinates: scale (x + 0.5), not x.
-        return (point[0] + 0.5) * scale - 0.5 + x_offset, (point[1] + 0.5) * scale - 0.5 + header
-
-    trg_offset = src.width + gap
+    canvas, draw, place = _side_by_side(src_image, trg_image, height, caption)
     for s, p, g, ok in zip(src_kps, pred_kps, gt_kps, correct):
         colour = CORRECT if ok else WRONG
-        a, b, t = place(s, scales[0], 0), place(p, scales[1], trg_offset), place(g, scales[1], trg_offset)
+        a, b, t = place(s, 0), place(p, 1), place(g, 1)
         draw.ellipse([t[0] - 5, t[1] - 5, t[0] + 5, t[1] + 5], outline="white", width=2)
         draw.line([a, b], fill=colour, width=2)
         for x, y in (a, b):
@@ -196,35 +208,19 @@ def scored_matches_image(
         raise ValueError(f"score_range must be (low, high) with low < high, got {score_range}")
     if height is None:
         height = int(min(720, max(240, src_image.shape[0], trg_image.shape[0])))
-    header, gap, footer = 26, 8, 38
-    scales = (height / src_image.shape[0], height / trg_image.shape[0])
-    src, trg = (
-        Image.fromarray(image).resize((max(1, round(image.shape[1] * scale)), height), Image.BILINEAR)
-        for image, scale in zip((src_image, trg_image), scales)
-    )
-    width = src.width + gap + trg.width
-    canvas = Image.new("RGB", (width, header + height + footer), "white")
-    canvas.paste(src, (0, header))
-    canvas.paste(trg, (src.width + gap, header))
-    draw = ImageDraw.Draw(canvas)
-    draw.text((4, 5), caption, fill="black", font=_font(14))
-
-    def place(point: np.ndarray, scale: float, x_offset: float) -> tuple[float, float]:
-        # Pixel centres sit at integer coordinates: scale (x + 0.5), not x.
-        return (point[0] + 0.5) * scale - 0.5 + x_offset, (point[1] + 0.5) * scale - 0.5 + header
-
+    footer = 38
+    canvas, draw, place = _side_by_side(src_image, trg_image, height, caption, footer)
     scores = np.asarray(scores, dtype=np.float64)
     many = len(scores) > 200
     line_width, radius = (1, 1.5) if many else (2, 3)
-    trg_offset = src.width + gap
     order = np.argsort(np.nan_to_num(scores, nan=-np.inf), kind="stable")  # best matches drawn last, on top
     for index in order:
         colour = score_colour(float(scores[index]), score_range)
-        a, b = place(src_points[index], scales[0], 0), place(trg_points[index], scales[1], trg_offset)
+        a, b = place(src_points[index], 0), place(trg_points[index], 1)
         draw.line([a, b], fill=colour, width=line_width)
         for x, y in (a, b):
             draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=colour)
-    _score_bar(draw, width, header + height + 8, score_range)
+    _score_bar(draw, canvas.width, canvas.height - footer + 8, score_range)
     return canvas
 
 

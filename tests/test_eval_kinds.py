@@ -1,5 +1,6 @@
-"""sm_eval with model kinds and localizers: a zero-shot model evaluated without a checkpoint, a
-localizer chosen at evaluation, model options checked against the config before any work."""
+"""sm_eval with model kinds and localizers: checkpoints of every kind side by side, a zero-shot
+model evaluated without a checkpoint, a localizer chosen at evaluation, model options checked
+against the config before any work."""
 
 from __future__ import annotations
 
@@ -9,9 +10,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from sm_eval.__main__ import main
 from sm_eval.pck import KeypointRecords, records_in_frame
+from sm_model.checkpoint import save_checkpoint
+from sm_model.config import ModelConfig
+from sm_model.registry import build_model, zero_shot_config
 from tests.test_eval import save_tiny
 
 COMMON = ["--split", "test", "--alphas", "0.05,0.1", "--threads", "2", "--loader-workers", "0", "--matches", "0",
@@ -85,3 +90,24 @@ def test_an_unknown_zero_shot_backbone_names_the_registered_ones(
     assert main(argv) == 1
     error = capsys.readouterr().err
     assert "zero-shot:dinov3_vitb16: unknown backbone 'dinov3_vitb16'; registered: dinov2_vits14" in error
+
+
+def test_checkpoints_of_every_kind_evaluate_side_by_side(demo_shards: Path, checkpoint: Path, tmp_path: Path) -> None:
+    """A saved zero-shot model and a saved (untrained) baseline evaluate beside a SimpleMatch
+    checkpoint on the same pairs; each keeps its kind and its own localizer."""
+    torch.manual_seed(0)
+    zero_shot = zero_shot_config("zero-shot:dinov2_vits14", weights=None, image_size=56)
+    baseline = ModelConfig(kind="baseline", backbone="dinov2_vits14", image_size=56, finetune="last_blocks",
+                           finetune_blocks=2, final_norm=True, beta=0.04)  # fmt: skip
+    for name, config in (("zero_shot.pt", zero_shot), ("baseline.pt", baseline)):
+        save_checkpoint(build_model(config), tmp_path / name)
+    argv = ["--model", str(checkpoint), "--model", str(tmp_path / "zero_shot.pt"), "--model", str(tmp_path / "baseline.pt"),
+            "--shards", str(demo_shards), "--out", str(tmp_path / "out"), *COMMON]  # fmt: skip
+    assert main(argv) == 0
+    models = json.loads((tmp_path / "out" / "report.json").read_text())["models"]
+    assert [(m["name"], m["kind"], m["localizer"]) for m in models] == [
+        ("tiny", "simplematch", "window"), ("zero_shot", "zero-shot", "argmax"), ("baseline", "baseline", "kernel")
+    ]
+    for model in models:
+        per_image = model["results"]["resized"]["overall"]["per_image"]
+        assert len(per_image) == 2 and all(0 <= value <= 1 for value in per_image)

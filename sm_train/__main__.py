@@ -33,11 +33,15 @@ logger = logging.getLogger("sm_train")
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m sm_train",
-        description=__doc__.split("\n\n")[0],
+        description=__doc__.split("\n\n")[0].replace("``", ""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=(
             "Overrides are dotted config keys with YAML values, e.g. model.image_size=448 optim.lr=1e-4 "
-            "run.num_workers=4 run.use_gpu=true run.storage_path=s3://bucket/runs.\n\nConfig keys:\n  "
+            "run.num_workers=4 run.use_gpu=true run.storage_path=s3://bucket/runs.\n\n"
+            "Model kinds (model.kind): simplematch (default; configs/<backbone>_<size>_<dataset>.yaml) or\n"
+            "baseline, the survey's strong baseline (configs/baseline_*.yaml); a zero-shot model trains\n"
+            "nothing: evaluate it with python -m sm_eval --model zero-shot:BACKBONE. Any model predicts\n"
+            "with model.localizer: argmax, dense, window or kernel (null: the kind's own).\n\nConfig keys:\n  "
             + "\n  ".join(config_keys())
         ),
     )

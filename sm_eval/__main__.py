@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from pipelines.storage import StorageError
 from sm_eval.checkpoints import OfficialSettings
 from sm_eval.evaluate import DEFAULT_ALPHAS, EvalRequest, check_alphas, evaluate
+from sm_eval.match import positive_int
 from sm_eval.pck import FRAMES, RULES
 from sm_eval.report import AVERAGE_LABELS, AVERAGES, frame_label, percent
 from sm_eval.runner import DTYPES, EvalSettings
@@ -86,13 +87,6 @@ def parse_alphas(text: str) -> tuple[float, ...]:
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
     return alphas
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
 
 
 def _count(text: str) -> int:
@@ -169,10 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     compute.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="autocast dtype (default: float32)")
     compute.add_argument(
-        "--batch-size", type=_positive_int, default=8, metavar="B", help="pairs per batch (default: %(default)s)"
+        "--batch-size", type=positive_int, default=8, metavar="B", help="pairs per batch (default: %(default)s)"
     )
     compute.add_argument(
-        "--image-size", type=_positive_int, metavar="S",
+        "--image-size", type=positive_int, metavar="S",
         help="network input side (default: the checkpoint's; a multiple of the patch size for ViTs)",
     )  # fmt: skip
     compute.add_argument(
@@ -189,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="decoding processes per worker (default: %(default)s; 0 decodes in the worker itself)",
     )  # fmt: skip
     compute.add_argument(
-        "--threads", type=_positive_int, default=4, metavar="T",
+        "--threads", type=positive_int, default=4, metavar="T",
         help="torch CPU threads in every worker and in this process (default: %(default)s); keep it fixed "
         "to get bit-identical results for any --workers",
     )  # fmt: skip

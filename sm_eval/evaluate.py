@@ -30,7 +30,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from pipelines.reader import pair_dataset
 from pipelines.schema import PairSample, safe_key
@@ -47,7 +46,7 @@ from sm_eval.report import (
     render_markdown,
     table_alpha,
 )
-from sm_eval.runner import BatchClock, EvalSettings, predict_split
+from sm_eval.runner import BatchClock, EvalSettings, local_device, predict_split
 from sm_model.config import ModelConfig, from_dict, replace_fields
 from sm_model.pixels import from_resized_square
 
@@ -196,12 +195,7 @@ def _resolve_device(request: EvalRequest) -> tuple[EvalSettings, float]:
         if gpus is None:
             gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
         return replace(request.settings, device="cuda" if gpus > 0 else "cpu"), gpus
-    device = request.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device here")
-    return replace(request.settings, device=device), 0.0
+    return replace(request.settings, device=local_device(request.device)), 0.0
 
 
 def _report(

@@ -33,13 +33,12 @@ Outputs (:func:`write_matches`, to a local directory or an ``s3://`` prefix):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import math
 import re
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,7 +51,7 @@ from pipelines.storage import Location, StorageError, is_s3, split_s3_url
 from sm_eval import figures
 from sm_eval.checkpoints import CheckpointFile, OfficialSettings, read_checkpoint_files
 from sm_eval.evaluate import check_output_dir
-from sm_eval.runner import DTYPES, EvalSettings, torch_threads
+from sm_eval.runner import DTYPES, EvalSettings, local_device, torch_threads
 from sm_model.checkpoint import load_model
 from sm_model.localizers import LOCALIZERS
 from sm_model.matcher import MatchModel
@@ -484,7 +483,8 @@ exit status: 0 done, 1 an image, the points or the checkpoint are unusable (the 
 file or the point), 2 usage, or an S3 store that cannot be used."""
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """An argparse type: ``text`` as an integer of at least 1 (both CLIs of sm_eval use it)."""
     try:
         value = int(text)
     except ValueError:
@@ -495,7 +495,7 @@ def _positive_int(text: str) -> int:
 
 
 def _grid(text: str) -> int:
-    value = _positive_int(text)
+    value = positive_int(text)
     if value > MAX_GRID:
         raise argparse.ArgumentTypeError(f"--grid is at most {MAX_GRID} ({MAX_GRID**2} points), got {value}")
     return value
@@ -525,7 +525,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         "(e.g. configs/dinov2_vitb14_448_spair.yaml)",
     )  # fmt: skip
     model.add_argument(
-        "--image-size", type=_positive_int, metavar="S",
+        "--image-size", type=positive_int, metavar="S",
         help="network input side (default: the checkpoint's; a multiple of the patch size for ViTs)",
     )  # fmt: skip
     model.add_argument(
@@ -541,7 +541,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         "--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda when available"
     )
     compute.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="autocast dtype (default: float32)")
-    compute.add_argument("--threads", type=_positive_int, metavar="T", help="torch CPU threads (default: torch's own)")
+    compute.add_argument("--threads", type=positive_int, metavar="T", help="torch CPU threads (default: torch's own)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -565,29 +565,12 @@ def build_parser() -> argparse.ArgumentParser:
     points.add_argument("--grid", type=_grid, metavar="N", help="the centres of an N x N tiling of the source image")
     parser.add_argument("--out", required=True, metavar="DIR_OR_S3", help="output directory (local or s3://)")
     parser.add_argument(
-        "--chunk-size", type=_positive_int, metavar="K",
+        "--chunk-size", type=positive_int, metavar="K",
         help="points per forward pass (default: as many as 128 MiB of score maps hold)",
     )  # fmt: skip
     add_model_options(parser)
     parser.add_argument("--log-level", default="WARNING", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     return parser
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available")
-    return torch.device(name)
-
-
-@contextlib.contextmanager
-def _threads(count: int | None) -> Iterator[None]:
-    if count is None:
-        yield
-    else:
-        with torch_threads(count):
-            yield
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -597,12 +580,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         EvalSettings(model_options=tuple(args.model_options))  # a malformed --set is a usage error
         check_output_dir(args.out)
-        device = _device(args.device)
+        device = torch.device(local_device(args.device))
         out = Location(args.out, args.s3_endpoint_url)
-    except ValueError as error:
+    except (ValueError, RuntimeError) as error:  # RuntimeError: --device cuda without CUDA
         parser.error(str(error))
     try:
-        with _threads(args.threads):
+        with torch_threads(args.threads):
             src_image = read_image(args.source, args.s3_endpoint_url, "source image")
             trg_image = read_image(args.target, args.s3_endpoint_url, "target image")
             if args.grid is not None:

@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from tqdm import tqdm
 
 from pipelines.storage import Location
@@ -35,6 +34,7 @@ from sm_eval.pck import KeypointRecords
 from sm_eval.plan import SplitPlan, assign_shards, canonical_order, check_coverage
 from sm_eval.predict import eval_batches, stream_records
 from sm_model.checkpoint import load_model
+from sm_model.config import parse_override
 
 log = logging.getLogger(__name__)
 
@@ -73,26 +73,36 @@ class EvalSettings:
 
     def model_overrides(self) -> dict[str, Any]:
         """The model config fields these settings replace: ``image_size`` and ``localizer`` when
-        set, then ``model_options`` (``ValueError`` for one that is not ``key=value``)."""
+        set, then ``model_options`` (a ``ConfigError``, a ``ValueError``, for one that is not ``key=value``)."""
         overrides: dict[str, Any] = {}
         if self.image_size is not None:
             overrides["image_size"] = self.image_size
         if self.localizer is not None:
             overrides["localizer"] = self.localizer
         for option in self.model_options:
-            key, sep, value = option.partition("=")
-            if not sep or not key.strip():
-                raise ValueError(f"model option {option!r} is not of the form key=value")
-            try:
-                overrides[key.strip()] = yaml.safe_load(value)
-            except yaml.YAMLError as error:
-                raise ValueError(f"model option {option!r}: the value is not valid YAML: {error}") from None
+            key, value = parse_override(option, "model option", "key=value")
+            overrides[key] = value
         return overrides
 
 
+def local_device(name: str) -> str:
+    """The device of this process for ``--device`` ``name`` (``auto``, ``cpu`` or ``cuda``):
+    ``auto`` is ``cuda`` when torch sees a CUDA device, else ``cpu``; ``RuntimeError`` when
+    ``cuda`` is asked for and there is none."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device here")
+    return name
+
+
 @contextlib.contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    """Run the block with ``count`` torch intra-op CPU threads, then restore the previous count."""
+def torch_threads(count: int | None) -> Iterator[None]:
+    """Run the block with ``count`` torch intra-op CPU threads, then restore the previous count;
+    ``None`` leaves torch's own count."""
+    if count is None:
+        yield
+        return
     previous = torch.get_num_threads()
     torch.set_num_threads(count)
     try:

@@ -16,6 +16,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Literal, NamedTuple, Union, get_args, get_origin, get_type_hints
 
+import yaml
+
 FinetuneMode = Literal["frozen", "lora", "last_blocks", "full"]
 KeypointSampling = Literal["bilinear", "nearest"]
 PositionResampling = Literal["official", "timm"]
@@ -178,6 +180,18 @@ def from_dict(cls: type, document: Mapping[str, Any], source: str, where: str = 
         raise ConfigError(f"{source}: {where}{error}") from None
     except (TypeError, ValueError) as error:  # a dataclass's own checks (__post_init__)
         raise ConfigError(f"{source}: {where.rstrip('.') or 'top level'}: {error}") from None
+
+
+def parse_override(text: str, what: str = "override", form: str = "section.key=value") -> tuple[str, Any]:
+    """``"optim.lr=1e-4"`` -> ``("optim.lr", 0.0001)``: a ``key=value`` assignment, the value
+    parsed as YAML. A ``ConfigError`` names ``what`` it is and the ``form`` expected otherwise."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"{what} {text!r} is not of the form {form}")
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{what} {text!r}: value is not valid YAML: {error}") from None
 
 
 def replace_fields(config: Any, overrides: Mapping[str, Any], source: str) -> Any:

@@ -24,7 +24,7 @@ from torch import Tensor
 from sm_model.backbones import build_backbone
 from sm_model.config import ModelConfig
 from sm_model.loss import gaussian_cross_entropy
-from sm_model.matcher import MatchModel, check_pair_inputs
+from sm_model.matcher import MatchModel, checked_keypoints
 from sm_model.matching import Matches, match_keypoints
 from sm_model.pixels import pixels_to_cells
 
@@ -43,8 +43,7 @@ class FeatureMatcher(MatchModel):
         """``src``, ``trg``: ``[B, 3, S, S]`` ImageNet-normalised; ``src_kps``: ``[B, N, 2]`` input
         pixels; ``valid``: ``[B, N]`` bool (invalid keypoints are read at pixel ``(0, 0)``).
         Returns ``[Matches]``: points ``[B, N, 2]`` in input pixels and scores ``[B, N, h, w]``."""
-        check_pair_inputs(src, trg, src_kps, valid)
-        src_kps = torch.where(valid.unsqueeze(-1), src_kps, torch.zeros_like(src_kps))
+        src_kps = checked_keypoints(src, trg, src_kps, valid)
         features = self.backbone(torch.cat([src, trg]))[-1]  # [2B, C, h, w]
         stride = src.shape[-1] / features.shape[-1]
         src_map, trg_map = features.chunk(2)

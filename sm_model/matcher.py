@@ -84,9 +84,10 @@ class MatchModel(nn.Module):
         return Prediction(points, finest.scores.flatten(2).amax(dim=2))
 
 
-def check_pair_inputs(src: Tensor, trg: Tensor, src_kps: Tensor, valid: Tensor) -> None:
-    """A ValueError unless ``src`` and ``trg`` are ``[B, 3, S, S]``, ``src_kps`` ``[B, N, 2]`` and
-    ``valid`` a bool ``[B, N]``."""
+def checked_keypoints(src: Tensor, trg: Tensor, src_kps: Tensor, valid: Tensor) -> Tensor:
+    """``src_kps`` with every invalid keypoint moved to pixel ``(0, 0)``, so that its features and
+    prediction are finite (and meaningless; the loss masks them by ``valid``). A ValueError unless
+    ``src`` and ``trg`` are ``[B, 3, S, S]``, ``src_kps`` ``[B, N, 2]`` and ``valid`` a bool ``[B, N]``."""
     if src.ndim != 4 or src.shape != trg.shape or src.shape[-1] != src.shape[-2]:
         raise ValueError(f"src and trg must both be [B, 3, S, S], got {tuple(src.shape)} and {tuple(trg.shape)}")
     batch = src.shape[0]
@@ -96,3 +97,4 @@ def check_pair_inputs(src: Tensor, trg: Tensor, src_kps: Tensor, valid: Tensor) 
         raise ValueError(
             f"valid must be a bool [B, N] = {tuple(src_kps.shape[:-1])}, got {valid.dtype} {tuple(valid.shape)}"
         )
+    return torch.where(valid.unsqueeze(-1), src_kps, torch.zeros_like(src_kps))

@@ -27,7 +27,7 @@ from sm_model.backbones import build_backbone
 from sm_model.config import ModelConfig
 from sm_model.decoder import ScaleFeatures, build_decoder
 from sm_model.loss import multiscale_loss
-from sm_model.matcher import MatchModel, check_pair_inputs
+from sm_model.matcher import MatchModel, checked_keypoints
 from sm_model.matching import Matches, match_keypoints
 
 
@@ -75,8 +75,7 @@ class SimpleMatch(MatchModel):
         Invalid keypoints are read at pixel ``(0, 0)``, so their predictions are finite (and
         meaningless); ``valid`` is for the loss to mask them.
         """
-        check_pair_inputs(src, trg, src_kps, valid)
-        src_kps = torch.where(valid.unsqueeze(-1), src_kps, torch.zeros_like(src_kps))
+        src_kps = checked_keypoints(src, trg, src_kps, valid)
         features = self.backbone(torch.cat([src, trg]))
         scales = self.decoder(features, src.shape[-1])
         return [

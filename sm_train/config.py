@@ -30,6 +30,7 @@ from sm_model.config import (
     ModelKind,
     OutOfRange,
     from_dict,
+    parse_override,
     require,
     to_dict,
 )
@@ -312,17 +313,6 @@ def train_config(document: dict[str, Any], source: str) -> TrainConfig:
     if model.get("kind") in get_args(ModelKind) and model["kind"] not in TRAINABLE_KINDS:
         raise ConfigError(f"{source}: {untrainable_kind(model['kind'], model.get('backbone', ModelConfig.backbone))}")
     return from_dict(TrainConfig, document, source)
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """``"optim.lr=1e-4"`` -> ``("optim.lr", 0.0001)``; the value is parsed as YAML."""
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"override {text!r} is not of the form section.key=value")
-    try:
-        return key.strip(), yaml.safe_load(value)
-    except yaml.YAMLError as error:
-        raise ConfigError(f"override {text!r}: value is not valid YAML: {error}") from None
 
 
 def set_dotted(document: dict[str, Any], key: str, value: Any, source: str) -> None:

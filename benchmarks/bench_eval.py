@@ -38,15 +38,16 @@ import torch
 from pipelines.builders.demo import generate
 from pipelines.shard import shard_dataset
 from pipelines.storage import Location
-from sm_eval.checkpoints import read_checkpoint_file
+from sm_eval.checkpoints import resolve_model
 from sm_eval.pck import summarize
 from sm_eval.plan import SplitPlan, read_split_plan
 from sm_eval.predict import eval_batches, predict_batch
 from sm_eval.runner import DTYPES, EvalSettings, predict_split, torch_threads
 from sm_model.checkpoint import save_checkpoint
 from sm_model.config import ModelConfig
+from sm_model.factory import create_model
 from sm_model.matcher import MatchModel
-from sm_model.registry import build_model
+from sm_model.simplematch import SimpleMatchOptions
 
 ALPHAS = (0.01, 0.05, 0.1, 0.15)
 
@@ -73,7 +74,7 @@ def predict_only(model: MatchModel, plan: SplitPlan, settings: EvalSettings, rep
     batches = [
         batch.to(device)
         for batch in eval_batches(
-            plan.shards, list(plan.shard_counts), plan.shard_of, image_size=model.config.image_size,
+            plan.shards, list(plan.shard_counts), plan.shard_of, spec=model.input_spec,
             batch_size=settings.batch_size,
         )
     ]  # fmt: skip
@@ -135,7 +136,7 @@ def main() -> None:
     config = ModelConfig(image_size=args.size)
     pairs_per_category = args.pairs_per_category
     if args.quick:
-        config = ModelConfig(backbone="dinov2_vits14", image_size=56, decoder_channels=64, window_size=7)
+        config = ModelConfig(backbone="dinov2_vits14", image_size=56, window_size=7, options=SimpleMatchOptions(decoder_channels=64))
         pairs_per_category = 12
     settings = EvalSettings(
         batch_size=args.batch,
@@ -154,14 +155,14 @@ def main() -> None:
             shards = Location(str(make_demo_shards(work, pairs_per_category)))
         plan = read_split_plan(shards, args.split)
         torch.manual_seed(0)
-        model = build_model(config).eval()
+        model = create_model(config).eval()
         save_checkpoint(model, work / "model.pt")
-        checkpoint = read_checkpoint_file(str(work / "model.pt"), "bench")
+        checkpoint = resolve_model(str(work / "model.pt"), "bench")
         model = model.to(args.device)
 
         print(
             f"backbone {config.backbone} ({config.finetune}), {config.image_size} px, "
-            f"decoder {config.decoder_channels} ch, "
+            f"decoder {config.options.decoder_channels} ch, "
             f"batch {args.batch}, device {args.device}, {args.dtype}, {args.threads} threads per worker, "
             f"{args.loader_workers} loader processes per worker"
         )

@@ -59,8 +59,8 @@ from pipelines.imageio import decode_rgb
 from pipelines.reader import entry_name, index_rows, read_entry, split_shards
 from pipelines.shard import shard_dataset
 from pipelines.storage import Location
-from sm_model.batches import PieceReader, plan_pieces, stream_loader
-from sm_model.pixels import resize_image
+from sm_feed.batches import PieceReader, plan_pieces, stream_loader
+from sm_model.inputs import InputSpec
 from sm_train.data import pair_batches, plan_epoch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -98,6 +98,7 @@ def median_time(run: Callable[[], Any], repeats: int) -> tuple[float, Any]:
 def floor(shards: Location, entries: list, index: dict, size: int, batch: int, pairs: int, repeats: int) -> dict:
     """Decode each distinct image of a shard once, resize it once, copy each pair's two images into
     batches: the first ``pairs`` pairs of ``entries``, in their order. Seconds of each phase."""
+    spec = InputSpec(size)
     jobs = []  # (encoded images by key, [(src key, trg key)]) per entry
     left = pairs
     for entry in entries:
@@ -120,7 +121,7 @@ def floor(shards: Location, entries: list, index: dict, size: int, batch: int, p
             decoded = {key: decode_rgb(data) for key, data in encoded.items()}
             phases["decode"] += time.perf_counter() - started
             started = time.perf_counter()
-            resized = {key: resize_image(image, size) for key, image in decoded.items()}
+            resized = {key: spec.resize(image) for key, image in decoded.items()}
             phases["resize"] += time.perf_counter() - started
             started = time.perf_counter()
             for src, trg in pair_keys:
@@ -144,7 +145,7 @@ def feed(shards: Location, entries: list, args: argparse.Namespace, steps: int, 
     started, cpu = time.perf_counter(), time.process_time()
     first = None
     batches = pair_batches(
-        shards, entries, image_size=args.size, batch_size=args.batch, loader_workers=processes,
+        shards, entries, spec=InputSpec(args.size), batch_size=args.batch, loader_workers=processes,
         shuffle_buffer=SHUFFLE_BUFFER, split_nodes=False, max_batches=steps, device=device,
     )  # fmt: skip
     for batch in batches:
@@ -198,18 +199,18 @@ def model_figures(shards: Location, entries: list, args: argparse.Namespace, dev
     from sm_eval.predict import eval_batches, predict_batch
     from sm_eval.runner import DTYPES, EvalSettings, worker_records
     from sm_model.checkpoint import save_checkpoint
-    from sm_model.registry import build_model
+    from sm_model.factory import create_model
     from sm_train.augment import PairAugmentation
     from sm_train.config import load_config
     from sm_train.loop import autocast_dtype_for, build_optimizer, train_step
 
     overrides = ["model.weights=null", f"model.image_size={args.size}", f"train.batch_size={args.train_batch}"]
     if args.quick:
-        overrides += ["model.backbone=dinov2_vits14", "model.decoder_channels=32", "model.window_size=7"]
+        overrides += ["model.backbone=dinov2_vits14", "model.simplematch.decoder_channels=32", "model.window_size=7"]
     config = load_config(REPO_ROOT / "configs/dinov2_vitb14_252_spair.yaml", overrides)
     dtype = autocast_dtype_for(config.train.precision, device)
     torch.manual_seed(0)
-    model = build_model(config.model).to(device)
+    model = create_model(config.model).to(device)
     optimizer = build_optimizer(config.optim, model)
     augment = PairAugmentation(config.augment).to(device)
     plan = plan_epoch(split_shards(shards, args.split), 1, config.train.batch_size, 0, 0)
@@ -221,8 +222,8 @@ def model_figures(shards: Location, entries: list, args: argparse.Namespace, dev
 
     def batches(count: int, loader_workers: int):
         return pair_batches(
-            shards, plan.ranks[0], image_size=args.size, batch_size=config.train.batch_size,
-            image_resize=config.model.image_resize, loader_workers=loader_workers, shuffle_buffer=SHUFFLE_BUFFER,
+            shards, plan.ranks[0], spec=model.input_spec, batch_size=config.train.batch_size,
+            loader_workers=loader_workers, shuffle_buffer=SHUFFLE_BUFFER,
             split_nodes=False, max_batches=count, device=device,
         )  # fmt: skip
 
@@ -253,8 +254,7 @@ def model_figures(shards: Location, entries: list, args: argparse.Namespace, dev
     model.eval()
     resident_batches = list(
         eval_batches(
-            shards, names, split.shard_of, image_size=args.size, batch_size=args.eval_batch, device=device,
-            image_resize=config.model.image_resize,
+            shards, names, split.shard_of, spec=model.input_spec, batch_size=args.eval_batch, device=device,
         )
     )  # fmt: skip
     with torch.no_grad():

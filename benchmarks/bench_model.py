@@ -63,7 +63,8 @@ from sm_model.localizers import dense_soft_argmax, window_soft_argmax
 from sm_model.loss import keypoint_loss
 from sm_model.matching import cosine_similarity, sample_keypoint_features
 from sm_model.pixels import cells_to_pixels, pixels_to_cells
-from sm_model.simplematch import SimpleMatch
+from sm_model.simplematch import SimpleMatchOptions
+from sm_model.simplematch.model import SimpleMatch
 
 MEMORY_MODES = ("dense", "dense-rows", "window", "window+sparse", "no-matching")
 DECODER_WIDTHS = (768, 512, 384, 256, 128)
@@ -222,7 +223,7 @@ def flops_per_width(config: ModelConfig, keypoints: int) -> list[tuple[int, floa
     rows = []
     for width in DECODER_WIDTHS:
         with torch.device("meta"):
-            model = SimpleMatch(dataclasses.replace(config, decoder_channels=width, weights=None)).eval()
+            model = SimpleMatch(dataclasses.replace(config, options=dataclasses.replace(config.options, decoder_channels=width), weights=None)).eval()
             inputs = (torch.empty(1, 3, side, side), torch.empty(1, 3, side, side), torch.empty(1, keypoints, 2),
                       torch.ones(1, keypoints, dtype=torch.bool))
         with torch.no_grad():
@@ -252,7 +253,7 @@ def main() -> None:
     config = ModelConfig(image_size=args.size)
     batch, warmup, repeats = args.batch, args.warmup, args.repeats
     if args.quick:
-        config = ModelConfig(backbone="dinov2_vits14", image_size=56, decoder_channels=64, window_size=7)
+        config = ModelConfig(backbone="dinov2_vits14", image_size=56, window_size=7, options=SimpleMatchOptions(decoder_channels=64))
         batch, warmup, repeats = 2, 1, 2
     setup = Setup(config, batch, args.keypoints, args.device, args.dtype)
 
@@ -261,7 +262,7 @@ def main() -> None:
         return
 
     print(
-        f"backbone {config.backbone} ({config.finetune}), decoder {config.decoder_channels} ch, "
+        f"backbone {config.backbone} ({config.finetune}), decoder {config.options.decoder_channels} ch, "
         f"window {config.window_size}, batch {batch}, {args.keypoints} keypoints, "
         f"device {args.device}, {args.dtype}, {torch.get_num_threads()} threads"
     )

@@ -27,7 +27,7 @@ from pipelines.builders.demo import CATEGORIES, generate
 from pipelines.reader import split_shards
 from pipelines.shard import shard_dataset
 from pipelines.storage import Location
-from sm_model.registry import build_model
+from sm_model.factory import create_model
 from sm_train.augment import PairAugmentation
 from sm_train.config import TrainConfig, load_config, resolve_paths
 from sm_train.data import pair_batches, plan_epoch
@@ -51,7 +51,7 @@ def plain_rate(config: TrainConfig, steps: int) -> float:
     device = torch.device("cuda" if config.run.use_gpu else "cpu")
     torch.set_num_threads(max(1, int(config.run.cpus_per_worker)))
     torch.manual_seed(config.train.seed)
-    model = build_model(config.model).to(device)  # any model.kind the config names
+    model = create_model(config.model).to(device)  # any model.kind the config names
     optimizer = build_optimizer(config.optim, model)
     scheduler = build_scheduler(config.optim, optimizer)
     augment = PairAugmentation(config.augment).to(device)
@@ -62,9 +62,8 @@ def plain_rate(config: TrainConfig, steps: int) -> float:
     for batch in pair_batches(
         shards,
         plan.ranks[0],
-        image_size=config.model.image_size,
+        spec=model.input_spec,
         batch_size=config.train.batch_size,
-        image_resize=config.model.image_resize,
         loader_workers=config.data.loader_workers,
         shuffle_buffer=config.data.shuffle_buffer,
         seed=config.train.seed,

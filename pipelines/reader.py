@@ -11,7 +11,7 @@ whole (its bytes are bounded by ``--max-shard-bytes``), and each of its images i
 when its first pair needs it, and released after its last pair. Evaluation streams in the fixed
 order of the index; training shuffles shards per epoch and pairs within a bounded buffer.
 :func:`entry_order` and :func:`read_entry` give the same stream to a caller that spreads the
-shards (or runs of their pairs) over its own processes (:mod:`sm_model.batches`).
+shards (or runs of their pairs) over its own processes (:mod:`sm_feed.batches`).
 
 A shard is untrusted input, checked as the sharder checked the raw data (one validation, two
 sides): it must be a plain tar ending in its end-of-archive marker; every pair it holds must be

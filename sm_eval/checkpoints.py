@@ -1,22 +1,16 @@
-"""Checkpoints to evaluate: found (a file, or a directory holding ``model.pt``, locally or on S3),
-read once by the driver, shipped as bytes to every worker, and named for the reports.
+"""Models to evaluate: found (a checkpoint file, a directory holding ``model.pt``, locally or on
+S3; a released file; ``zero-shot:NAME``), built once by the driver through the front door
+(:func:`sm_model.factory.create_model`) with the run's overrides, shipped to every worker as a full
+checkpoint whose config is the effective one, and named for the reports.
 
-A checkpoint is a :mod:`sm_model.checkpoint` file. A Ray Train checkpoint directory
-holds one as ``model.pt`` beside the optimizer state. A trainable-only (LoRA) checkpoint rebuilds
-its frozen backbone from the ``weights`` saved in its config, which must be readable wherever the
-model is loaded (a hub name or a path every worker sees).
+So every worker loads the same model without options, needs no network and no backbone file (a
+trainable-only LoRA checkpoint's frozen backbone and a released LoRA file's are filled in here,
+from the ``weights`` saved in its config or ``--backbone-weights``), and predicts bit for bit
+what one process predicts; a ViT-B ships as about 350 MB, a ViT-G about 4.5 GB.
 
-A released SimpleMatch checkpoint (``best_model.pth``, :mod:`sm_model.official`) is recognised by
-its keys and converted once, here in the driver, into a full ``simplematch-v1`` checkpoint of the
-released model (:func:`sm_model.official.official_model`: official pixel convention and image
-resize, frozen backbone included), so that workers load it like any other and need no backbone
-file. Its run-time settings come from a training config's ``model:`` section
-(:class:`OfficialSettings`).
-
-A zero-shot model (``zero-shot:NAME``, :func:`sm_model.registry.zero_shot_config`) has no file: it
-is built here from its backbone weights (the timm hub, a local file, or ``random``) and shipped
-as a full checkpoint like the others, so that every worker predicts with the same weights and no
-worker downloads anything (a ViT-B is about 350 MB, a ViT-G about 4.5 GB).
+A released SimpleMatch checkpoint (``best_model.pth``, :mod:`sm_model.released`) takes its
+run-time settings from a training config's ``model:`` section (:class:`OfficialSettings`) and
+predicts in the official pixel convention and image resize.
 """
 
 from __future__ import annotations
@@ -29,15 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import torch
 import yaml
 
 from pipelines.storage import Location, split_s3_url
-from sm_model.checkpoint import MODEL_FILE, checkpoint_bytes, read_checkpoint
-from sm_model.config import ModelConfig, from_dict
-from sm_model.official import official_layout, official_model
-from sm_model.registry import build_model, is_zero_shot_spec, zero_shot_config
-from sm_model.state_dicts import read_state_dict
+from sm_model.checkpoint import MODEL_FILE, checkpoint_bytes
+from sm_model.config import ModelConfig, from_dict, to_dict
+from sm_model.factory import ModelFile, create_model, read_model_file
+from sm_model.matcher import MatchModel
+from sm_model.registry import is_zero_shot_spec
 
 log = logging.getLogger(__name__)
 
@@ -55,18 +48,12 @@ class OfficialSettings:
     backbone_weights: str | None = None
 
 
-RANDOM_WEIGHTS = "random"
-"""``--backbone-weights`` value for a zero-shot model with untrained weights (smoke tests), drawn
-from the seed :data:`RANDOM_WEIGHTS_SEED`, so that runs compare."""
-RANDOM_WEIGHTS_SEED = 0
-
-
 @dataclass(frozen=True)
 class CheckpointFile:
-    """A checkpoint read into memory: ``name`` for reports, ``source`` as the user gave it,
-    ``path`` the file read, ``data`` its bytes, ``config`` the saved model config (a dict);
-    ``official``: read from a released checkpoint, ``data`` being its conversion; a zero-shot
-    model's ``path`` is its spec and ``data`` the checkpoint of the model built from it."""
+    """A model resolved by the driver: ``name`` for reports, ``source`` as the user gave it,
+    ``path`` the file read (a zero-shot model's spec), ``data`` the full checkpoint of the model
+    built from it with the run's overrides, ``config`` that model's config (a dict: the effective
+    one, which every worker predicts with); ``official``: read from a released file."""
 
     name: str
     source: str
@@ -89,67 +76,59 @@ def checkpoint_file(source: str, endpoint_url: str | None = None) -> tuple[Locat
     raise FileNotFoundError(_not_found(source))
 
 
-def read_checkpoint_file(
+def open_model(
+    source: str,
+    endpoint_url: str | None = None,
+    official_config: ModelConfig | None = None,
+    backbone_weights: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> tuple[MatchModel, str, bool]:
+    """The model ``source`` names, built through the front door (:func:`sm_model.factory.create_model`)
+    with the config ``overrides`` (a ``ConfigError`` naming the key for a bad one), the path it was
+    read from (a zero-shot model's spec) and whether it is a released file. ``source``: a checkpoint,
+    local or S3 (:func:`checkpoint_file`); a released file, converted with ``official_config`` and
+    ``backbone_weights`` (:class:`OfficialSettings`); or ``zero-shot:NAME`` with ``backbone_weights``
+    (``None``: the timm hub, :data:`~sm_model.factory.RANDOM_WEIGHTS`, or a local file)."""
+    overrides = dict(overrides or {})
+    if is_zero_shot_spec(source):
+        model = create_model(source, backbone_weights=backbone_weights, **overrides)
+        log.info("model %s: zero-shot, weights %s, image size %d", source, backbone_weights or "hub", model.config.image_size)
+        return model, source, False
+    file = _read_model_file(source, endpoint_url)
+    if file.released is not None and official_config is None:
+        raise ValueError(
+            f"{file.name} is a released SimpleMatch checkpoint without its --official-config: give the training config "
+            "of its backbone and size (e.g. configs/dinov2_vitb14_448_spair.yaml; one for all released checkpoints, or "
+            "one each in order), and for DINOv2 LoRA --backbone-weights dinov2_vitb14_pretrain.pth"
+        )
+    model = create_model(file, config=official_config, backbone_weights=backbone_weights, **overrides)
+    return model, file.name, file.released is not None
+
+
+def resolve_model(
     source: str,
     name: str,
     endpoint_url: str | None = None,
     official_config: ModelConfig | None = None,
     backbone_weights: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
 ) -> CheckpointFile:
-    """Read ``source`` (see :func:`checkpoint_file`) and check that it is a SimpleMatch checkpoint,
-    or a released one, then converted with ``official_config`` and ``backbone_weights`` (see
-    :class:`OfficialSettings`; ``ValueError`` when it is released and ``official_config`` is None)."""
+    """:func:`open_model`'s model as a full checkpoint to ship, named ``name``."""
+    model, path, official = open_model(source, endpoint_url, official_config, backbone_weights, overrides)
+    return CheckpointFile(
+        name=name, source=source, path=path, data=checkpoint_bytes(model), config=to_dict(model.config), official=official
+    )
+
+
+def _read_model_file(source: str, endpoint_url: str | None) -> ModelFile:
     directory, file_name = checkpoint_file(source, endpoint_url)
     path = directory.full(file_name)
     try:
         data = directory.read_bytes(file_name)
     except FileNotFoundError:
         raise FileNotFoundError(_not_found(source)) from None
-    log.info("checkpoint %s: %s (%.1f MiB)", name, path, len(data) / 2**20)
-    try:
-        saved = read_checkpoint(data, path)
-    except ValueError as not_ours:
-        data, config = _converted_official(data, path, not_ours, official_config, backbone_weights)
-        return CheckpointFile(name=name, source=source, path=path, data=data, config=config, official=True)
-    return CheckpointFile(name=name, source=source, path=path, data=data, config=dict(saved["config"]))
-
-
-def _converted_official(
-    data: bytes, path: str, not_ours: ValueError, config: ModelConfig | None, backbone_weights: str | None
-) -> tuple[bytes, dict[str, Any]]:
-    """A released checkpoint's bytes -> the bytes and config of a full ``simplematch-v1``
-    checkpoint of its model; ``not_ours`` is raised again when ``data`` is not a released one either."""
-    try:
-        state = read_state_dict(data)
-        layout = official_layout(state)
-    except Exception as error:  # neither ours nor released: the first error says what was expected
-        raise not_ours from error
-    if config is None:
-        raise ValueError(
-            f"{path} is a released SimpleMatch checkpoint ({layout} layout) without its --official-config: give the "
-            "training config of its backbone and size (e.g. configs/dinov2_vitb14_448_spair.yaml; one for all released "
-            "checkpoints, or one each in order), and for DINOv2 LoRA --backbone-weights dinov2_vitb14_pretrain.pth"
-        )
-    model = official_model(state, config, backbone_weights, name=path)
-    log.info("checkpoint %s: released %s model converted (pixel convention official)", path, layout)
-    return checkpoint_bytes(model), dataclasses.asdict(model.config)
-
-
-def zero_shot_file(
-    spec: str, name: str, backbone_weights: str | None = None, overrides: Mapping[str, Any] | None = None
-) -> CheckpointFile:
-    """The zero-shot model ``spec`` (``zero-shot:NAME``) built with ``backbone_weights`` (``None``:
-    the timm hub; :data:`RANDOM_WEIGHTS`: untrained, seeded; else a local file) and the config
-    ``overrides`` (e.g. ``image_size``, ``localizer``, ``final_norm``), as a full checkpoint."""
-    weights = "hub" if backbone_weights is None else None if backbone_weights == RANDOM_WEIGHTS else backbone_weights
-    config = zero_shot_config(spec, weights, **dict(overrides or {}))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(RANDOM_WEIGHTS_SEED)  # untrained weights are the same in every run
-        model = build_model(config)
-    log.info("model %s: zero-shot %s, weights %s, image size %d", name, config.backbone, weights or "random", config.image_size)
-    return CheckpointFile(
-        name=name, source=spec, path=spec, data=checkpoint_bytes(model), config=dataclasses.asdict(config)
-    )
+    log.info("model file %s (%.1f MiB)", path, len(data) / 2**20)
+    return read_model_file(data, path)
 
 
 def official_model_config(path: str) -> ModelConfig:
@@ -169,26 +148,22 @@ def _not_found(source: str) -> str:
     return f"no checkpoint at {source}: expected a checkpoint file or a directory holding {MODEL_FILE}"
 
 
-def read_checkpoint_files(
+def resolve_models(
     sources: Sequence[str],
     endpoint_url: str | None = None,
     official: OfficialSettings | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> list[CheckpointFile]:
-    """Every model of ``sources`` (checkpoints, or ``zero-shot:NAME`` specs built by
-    :func:`zero_shot_file` with ``official.backbone_weights`` and the config ``overrides``), named
-    by :func:`model_names`; released checkpoints converted as ``official`` says. ``ValueError``
-    when the number of official configs fits neither one for all released checkpoints nor one each."""
+    """Every model of ``sources`` (:func:`resolve_model`), named by :func:`model_names`; released
+    files paired with ``official.configs`` (one for all, or one each in order). ``ValueError`` when
+    the number of official configs fits neither."""
     official = official or OfficialSettings()
     configs = [official_model_config(path) for path in official.configs]
     files: list[CheckpointFile] = []
     for source, name in zip(sources, model_names(sources)):
-        if is_zero_shot_spec(source):
-            files.append(zero_shot_file(source, name, official.backbone_weights, overrides))
-            continue
         released = sum(file.official for file in files)
         config = configs[0] if len(configs) == 1 else configs[released] if released < len(configs) else None
-        files.append(read_checkpoint_file(source, name, endpoint_url, config, official.backbone_weights))
+        files.append(resolve_model(source, name, endpoint_url, config, official.backbone_weights, overrides))
     released = sum(file.official for file in files)
     if configs and len(configs) not in (1, released):
         raise ValueError(

@@ -35,7 +35,7 @@ from pipelines.reader import pair_dataset
 from pipelines.schema import PairSample, safe_key
 from pipelines.storage import Location, is_s3
 from sm_eval import figures
-from sm_eval.checkpoints import CheckpointFile, OfficialSettings, read_checkpoint_files
+from sm_eval.checkpoints import CheckpointFile, OfficialSettings, resolve_models
 from sm_eval.pck import FRAMES, RULES, KeypointRecords, frame_square, keypoint_hits, records_in_frame
 from sm_eval.plan import SplitPlan, read_split_plan, sample_pairs
 from sm_eval.report import (
@@ -47,7 +47,7 @@ from sm_eval.report import (
     table_alpha,
 )
 from sm_eval.runner import BatchClock, EvalSettings, local_device, predict_split
-from sm_model.config import ModelConfig, from_dict, replace_fields
+from sm_model.config import ModelConfig, from_dict
 from sm_model.pixels import from_resized_square
 
 log = logging.getLogger(__name__)
@@ -142,9 +142,11 @@ def evaluate(request: EvalRequest) -> dict[str, Any]:
         len(plan.shard_counts),
         list(plan.datasets),
     )
+    # Every model is built here once, with the run's overrides (a bad one fails before any work),
+    # and shipped with its effective config: workers and the report use exactly that.
     overrides = request.settings.model_overrides()
-    checkpoints = read_checkpoint_files(request.checkpoints, request.endpoint_url, request.official, overrides)
-    configs = {file.name: model_config(file, overrides) for file in checkpoints}  # bad overrides fail here
+    checkpoints = resolve_models(request.checkpoints, request.endpoint_url, request.official, overrides)
+    configs = {file.name: from_dict(ModelConfig, file.config, f"{file.name} config") for file in checkpoints}
     settings, gpus = _resolve_device(request)
     records: dict[str, KeypointRecords] = {}
     timings: dict[str, float] = {}
@@ -175,13 +177,6 @@ def evaluate(request: EvalRequest) -> dict[str, Any]:
     _write_matches(out, plan, records, request, keys, match_files)
     _write_outputs(out, records, report)
     return report
-
-
-def model_config(checkpoint: CheckpointFile, overrides: Mapping[str, Any]) -> ModelConfig:
-    """The config ``checkpoint``'s model predicts with: its saved one with ``overrides`` (checked:
-    a ``ConfigError`` names the checkpoint and the key)."""
-    saved = from_dict(ModelConfig, checkpoint.config, f"{checkpoint.name} config")
-    return replace_fields(saved, overrides, f"{checkpoint.name} with {dict(overrides)}") if overrides else saved
 
 
 def _resolve_device(request: EvalRequest) -> tuple[EvalSettings, float]:

@@ -14,8 +14,9 @@ The same in Python::
 Points are ``(x, y)`` in original-image pixels with the centre of pixel ``(0, 0)`` at ``(0, 0)``
 (:mod:`sm_model.pixels`), so a point lies in a ``W x H`` image when ``-0.5 <= x <= W - 0.5`` and
 ``-0.5 <= y <= H - 0.5``; any other point is refused (``ValueError`` naming it and the image size).
-The images are resized to the model's ``S x S`` input as in evaluation
-(:func:`sm_model.pixels.resize_image`, the model's ``image_resize``), and each source point's
+The two images are prepared as the model takes them (its ``input_spec``, as in evaluation) and
+encoded once (:func:`encode_pair`); any number of points is then matched against that encoding
+(:func:`match_encoded`), and each source point's
 prediction comes back in original target pixels with its *score*: the highest cosine similarity
 of the point's feature with the target's finest feature map, the value at its best-matching cell, in
 ``[-1, 1]`` (1: the same feature). Images are decoded as stored (:func:`pipelines.imageio.decode_rgb`,
@@ -49,13 +50,11 @@ import torch
 from pipelines.imageio import MAX_IMAGE_BYTES, decode_rgb
 from pipelines.storage import Location, StorageError, is_s3, split_s3_url
 from sm_eval import figures
-from sm_eval.checkpoints import CheckpointFile, OfficialSettings, read_checkpoint_files
+from sm_eval.checkpoints import model_names, official_model_config, open_model
 from sm_eval.evaluate import check_output_dir
 from sm_eval.runner import DTYPES, EvalSettings, local_device, torch_threads
-from sm_model.checkpoint import load_model
 from sm_model.localizers import LOCALIZERS
 from sm_model.matcher import MatchModel
-from sm_model.pixels import normalize_images, resize_image
 
 log = logging.getLogger("sm_eval.match")
 
@@ -67,14 +66,25 @@ MAX_POINTS_FILE_BYTES = 16 * 2**20
 MAX_GRID = 256
 """Largest ``--grid N`` (N x N = 65,536 points)."""
 SCORE_BUDGET = 2**25
-"""Score-map entries (float32: 128 MiB) predicted at once: :func:`match_points` splits the points
-into chunks of at most ``SCORE_BUDGET / (S/4)**2`` (the finest map of any model kind has a stride of
-at least 4), each a forward pass of the network on the same two images."""
+"""Score-map entries (float32: 128 MiB) predicted at once: :func:`match_encoded` matches the points
+in chunks of at most ``SCORE_BUDGET / (S/4)**2`` (the finest map of any model kind has a stride of
+at least 4) against the pair encoded once."""
 POINTS_MEANING = "(x, y) original-image pixels, the centre of pixel (0, 0) at (0, 0)"
 SCORE_MEANING = (
     "the highest cosine similarity of the source point's feature with the target's finest feature map "
     "(the value at its best-matching cell), in [-1, 1]"
 )
+
+
+@dataclass(frozen=True)
+class ModelName:
+    """Where a model came from: ``name`` for reports (:func:`~sm_eval.checkpoints.model_names`),
+    ``source`` as the user gave it, ``path`` the file read, ``official`` for a released file."""
+
+    name: str
+    source: str
+    path: str
+    official: bool
 
 
 @dataclass(frozen=True)
@@ -254,19 +264,18 @@ def load_match_model(
     localizer: str | None = None,
     model_options: Sequence[str] = (),
     endpoint_url: str | None = None,
-) -> tuple[MatchModel, CheckpointFile]:
+) -> tuple[MatchModel, ModelName]:
     """The model of ``source`` as ``python -m sm_eval`` loads it, in eval mode on the CPU, with its
-    :class:`~sm_eval.checkpoints.CheckpointFile` (its ``name`` for reports): a checkpoint file or a
+    :class:`ModelName` (its ``name`` for reports): a checkpoint file or a
     directory holding ``model.pt`` (local or ``s3://``), a released ``best_model.pth`` with
     ``official_config``, or ``zero-shot:BACKBONE`` with ``backbone_weights`` (``None``: the timm hub,
     ``"random"``: untrained, else a local file). ``image_size``, ``localizer`` and ``model_options``
     (``key=value``) replace config fields (:class:`~sm_eval.runner.EvalSettings`)."""
     settings = EvalSettings(image_size=image_size, localizer=localizer, model_options=tuple(model_options))
-    overrides = settings.model_overrides()
-    official = OfficialSettings((official_config,) if official_config else (), backbone_weights)
-    (file,) = read_checkpoint_files([source], endpoint_url, official, overrides)
-    model = load_model(file.data, file.path, **overrides).eval()
-    return model, file
+    config = official_model_config(official_config) if official_config else None
+    model, path, official = open_model(source, endpoint_url, config, backbone_weights, settings.model_overrides())
+    (name,) = model_names([source])
+    return model.eval(), ModelName(name=name, source=source, path=path, official=official)
 
 
 def model_summary(model: MatchModel) -> dict[str, Any]:
@@ -292,16 +301,93 @@ def _check_image(image: np.ndarray, what: str) -> None:
         raise ValueError(f"the {what} is empty: {image.shape}")
 
 
-def _network_input(image: np.ndarray, model: MatchModel, device: torch.device) -> torch.Tensor:
-    """``image`` resized to the model's input as evaluation resizes it, ``[1, 3, S, S]`` normalised."""
-    resized = resize_image(image, model.config.image_size, model.config.image_resize).unsqueeze(0).to(device)
-    return normalize_images(resized.float() / 255)
-
-
 def default_chunk_size(model: MatchModel) -> int:
-    """Points per forward pass: :data:`SCORE_BUDGET` over the cells of a stride-4 map of the input."""
-    cells = max(1, model.config.image_size // 4) ** 2
+    """Points matched at a time: :data:`SCORE_BUDGET` over the cells of a stride-4 map of the input."""
+    cells = max(1, model.input_spec.size // 4) ** 2
     return max(1, SCORE_BUDGET // cells)
+
+
+@dataclass(frozen=True)
+class EncodedPair:
+    """Two images encoded once by a model (:func:`encode_pair`), ready to match any points:
+    ``encoded`` (the model's :meth:`~sm_model.matcher.MatchModel.encode` of the pair as a batch of
+    one), the images' original ``(W, H)`` sizes, and the ``device`` and ``autocast_dtype`` it ran with."""
+
+    encoded: Any
+    source_size: tuple[int, int]
+    target_size: tuple[int, int]
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+
+
+@torch.no_grad()
+def encode_pair(
+    model: MatchModel,
+    src_image: np.ndarray,
+    trg_image: np.ndarray,
+    *,
+    device: str | torch.device | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> EncodedPair:
+    """``src_image`` and ``trg_image`` (``(H, W, 3)`` uint8 RGB of any sizes) prepared as the
+    model takes them (:meth:`~sm_model.matcher.MatchModel.prepare`) and encoded once, in eval mode.
+    ``device``: where to run (the model is moved there; default: where its parameters are);
+    ``autocast_dtype`` (e.g. ``torch.bfloat16``) runs the network under autocast as ``sm_eval
+    --dtype`` does. ``ValueError`` for a malformed image."""
+    _check_image(src_image, "source image")
+    _check_image(trg_image, "target image")
+    if device is None:
+        device = next(model.parameters(), torch.empty(0)).device
+    device = torch.device(device)
+    model = model.to(device).eval()
+    src = model.prepare(src_image).unsqueeze(0).to(device)
+    trg = model.prepare(trg_image).unsqueeze(0).to(device)
+    with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        encoded = model.encode(src, trg)
+    return EncodedPair(
+        encoded,
+        (int(src_image.shape[1]), int(src_image.shape[0])),
+        (int(trg_image.shape[1]), int(trg_image.shape[0])),
+        device,
+        autocast_dtype,
+    )
+
+
+@torch.no_grad()
+def match_encoded(
+    model: MatchModel,
+    pair: EncodedPair,
+    points: np.ndarray | Sequence[Sequence[float]],
+    *,
+    chunk_size: int | None = None,
+) -> MatchResult:
+    """Where each of ``points`` (``(N, 2)`` original source pixels) lies in the target of ``pair``
+    (:func:`encode_pair`), by ``model``, without encoding again. ``chunk_size``: points matched at
+    a time (default :func:`default_chunk_size`, bounding the score maps held at once).
+    ``ValueError`` for a point outside the source image (:func:`check_points`)."""
+    points = check_points(np.asarray(points, dtype=np.float64), pair.source_size, "source image")
+    chunk = chunk_size or default_chunk_size(model)
+    if chunk < 1:
+        raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+    device, autocast_dtype = pair.device, pair.autocast_dtype
+    src_sizes = torch.tensor([pair.source_size], dtype=torch.float32, device=device)
+    trg_sizes = torch.tensor([pair.target_size], dtype=torch.float32, device=device)
+    targets, scores = [], []
+    for start in range(0, len(points), chunk):
+        kps = torch.as_tensor(points[start : start + chunk], dtype=torch.float32, device=device).unsqueeze(0)
+        valid = torch.ones(kps.shape[:2], dtype=torch.bool, device=device)
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            prediction = model.match_original(pair.encoded, kps, valid, src_sizes, trg_sizes)
+        targets.append(prediction.points[0].float().cpu().numpy())
+        scores.append(prediction.score[0].float().cpu().numpy())
+    return MatchResult(
+        source_points=points,
+        target_points=np.concatenate(targets).astype(np.float64),
+        scores=np.concatenate(scores).astype(np.float64),
+        source_size=pair.source_size,
+        target_size=pair.target_size,
+        model=model_summary(model),
+    )
 
 
 def match_points(
@@ -315,44 +401,12 @@ def match_points(
     chunk_size: int | None = None,
 ) -> MatchResult:
     """Where each of ``points`` (``(N, 2)`` original source pixels) lies in ``trg_image``, by
-    ``model``. ``src_image``, ``trg_image``: ``(H, W, 3)`` uint8 RGB of any sizes. ``device``: where
-    to run (the model is moved there; default: where its parameters are); ``autocast_dtype``
-    (e.g. ``torch.bfloat16``) runs the network under autocast as ``sm_eval --dtype`` does;
-    ``chunk_size``: points per forward pass (default :func:`default_chunk_size`; every chunk
-    reruns the network on the two images, so results depend on it only by float rounding).
-    ``ValueError`` for a point outside the source image (:func:`check_points`) or a malformed image."""
+    ``model``: the pair encoded once (:func:`encode_pair`), every point matched against that
+    encoding (:func:`match_encoded`). Arguments as those two take them."""
     _check_image(src_image, "source image")
-    _check_image(trg_image, "target image")
-    src_size = (int(src_image.shape[1]), int(src_image.shape[0]))
-    trg_size = (int(trg_image.shape[1]), int(trg_image.shape[0]))
-    points = check_points(np.asarray(points, dtype=np.float64), src_size, "source image")
-    if device is None:
-        device = next(model.parameters(), torch.empty(0)).device
-    device = torch.device(device)
-    model = model.to(device)
-    chunk = chunk_size or default_chunk_size(model)
-    if chunk < 1:
-        raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
-    src = _network_input(src_image, model, device)
-    trg = _network_input(trg_image, model, device)
-    src_sizes = torch.tensor([src_size], dtype=torch.float32, device=device)
-    trg_sizes = torch.tensor([trg_size], dtype=torch.float32, device=device)
-    targets, scores = [], []
-    for start in range(0, len(points), chunk):
-        kps = torch.as_tensor(points[start : start + chunk], dtype=torch.float32, device=device).unsqueeze(0)
-        valid = torch.ones(kps.shape[:2], dtype=torch.bool, device=device)
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            prediction = model.predict_matches(src, trg, kps, valid, src_sizes, trg_sizes)
-        targets.append(prediction.points[0].float().cpu().numpy())
-        scores.append(prediction.score[0].float().cpu().numpy())
-    return MatchResult(
-        source_points=points,
-        target_points=np.concatenate(targets).astype(np.float64),
-        scores=np.concatenate(scores).astype(np.float64),
-        source_size=src_size,
-        target_size=trg_size,
-        model=model_summary(model),
-    )
+    check_points(np.asarray(points, dtype=np.float64), (int(src_image.shape[1]), int(src_image.shape[0])), "source image")
+    pair = encode_pair(model, src_image, trg_image, device=device, autocast_dtype=autocast_dtype)
+    return match_encoded(model, pair, points, chunk_size=chunk_size)
 
 
 # ---- outputs -----------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ Used by ``sm_eval`` and by training validation alike, so both score exactly the 
 Evaluation batches (:func:`eval_batches`) are cut shard by shard: a batch never spans two shards,
 so which pairs share a batch (and so the padded keypoint count and every kernel's batch shape)
 depends only on the shard and the batch size, never on which worker reads the shard or on how
-many DataLoader processes decode it (:mod:`sm_model.batches` assembles the same bytes for any
+many DataLoader processes decode it (:mod:`sm_feed.batches` assembles the same bytes for any
 number). That is what makes a prediction independent of the worker count, to the last bit.
 
 :func:`stream_records` keeps a GPU busy: the next batch's prediction is queued before the records
@@ -23,18 +23,17 @@ import torch
 from pipelines.reader import entry_urls
 from pipelines.storage import Location
 from sm_eval.pck import FLAG_COLUMNS, KeypointRecords, records_for_pair
-from sm_model.batches import PairBatch, PairRef, assemble_batch, pair_refs, pins_memory, to_device
-from sm_model.config import ImageResize
+from sm_feed.batches import PairBatch, PairRef, assemble_batch, pair_refs, pins_memory, to_device
+from sm_model.inputs import InputSpec
 from sm_model.matcher import MatchModel
-from sm_model.pixels import normalize_images
 
 
 def predict_batch(model: MatchModel, batch: PairBatch, autocast_dtype: torch.dtype | None = None):
     """Target keypoints ``[B, N, 2]`` float32 in original target pixels (on the batch's device)
     for a batch already on the model's device; ``autocast_dtype`` (e.g. ``torch.bfloat16``) runs
     the network under autocast."""
-    src = normalize_images(batch.src_image.float() / 255)
-    trg = normalize_images(batch.trg_image.float() / 255)
+    spec = model.input_spec
+    src, trg = spec.to_network(batch.src_image), spec.to_network(batch.trg_image)
     with torch.autocast(src.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
         return model.predict(src, trg, batch.src_kps, batch.valid, batch.src_size, batch.trg_size)
 
@@ -123,21 +122,19 @@ def eval_batches(
     names: Sequence[str],
     shard_of: Mapping[str, str],
     *,
-    image_size: int,
+    spec: InputSpec,
     batch_size: int,
-    image_resize: ImageResize = "antialiased",
     loader_workers: int = 0,
     device: torch.device | str | None = None,
 ) -> Iterator[PairBatch]:
     """Batches of at most ``batch_size`` pairs of the shards ``names``, shard after shard in that
-    order, a batch never spanning two shards; images resized to ``image_size`` as ``image_resize``
-    says (the model's). Read, checked and resized by ``loader_workers`` DataLoader processes
-    (:func:`sm_model.batches.pair_refs`; forkserver: forking inside Ray workers can deadlock; a
+    order, a batch never spanning two shards; images resized as the model's input ``spec`` says. Read, checked and resized by ``loader_workers`` DataLoader processes
+    (:func:`sm_feed.batches.pair_refs`; forkserver: forking inside Ray workers can deadlock; a
     script calling this with ``loader_workers > 0`` needs an ``if __name__ == "__main__":``
     guard), the same batches for any number of them. Every name is read here (no split by
     ``RANK``). ``shard_of`` maps each pair key to its shard name (from ``index.parquet``); a pair it
     does not list means the shards and their index disagree, which raises ``ValueError``. With a
-    CUDA ``device`` the batches come on it (:func:`sm_model.batches.to_device`)."""
+    CUDA ``device`` the batches come on it (:func:`sm_feed.batches.to_device`)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if not names:
@@ -145,7 +142,7 @@ def eval_batches(
     entry_urls(shards, list(names))  # no shard twice
     read = set(names)
     wanted = {key: shard for key, shard in shard_of.items() if shard in read}
-    refs = pair_refs(shards, names, image_size=image_size, image_resize=image_resize, loader_workers=loader_workers)
+    refs = pair_refs(shards, names, spec=spec, loader_workers=loader_workers)
     yield from to_device(_shard_batches(refs, wanted, batch_size, pins_memory(device)), device)
 
 

@@ -43,9 +43,11 @@ DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 @dataclass(frozen=True)
 class EvalSettings:
-    """How a worker predicts. ``image_size`` ``None`` keeps the checkpoint's; ``localizer`` ``None``
+    """How models predict. ``image_size`` ``None`` keeps the checkpoint's; ``localizer`` ``None``
     the model's (:data:`sm_model.localizers.LOCALIZERS`); ``model_options``: further model config
-    fields as ``key=value`` (YAML values, e.g. ``beta=0.04``, ``kernel_sigma=5``), for every model;
+    fields as ``key=value`` (YAML values, e.g. ``beta=0.04``, ``kernel_sigma=5``), for every model.
+    These three are applied once, by the driver, when it builds each model
+    (:func:`sm_eval.checkpoints.resolve_models`), whose config the workers then use as it is;
     ``threads`` is the torch CPU thread count in every worker and in the single process (keep it
     fixed across runs you compare); ``device`` is ``"cpu"`` or ``"cuda"``; ``dtype`` a key of
     :data:`DTYPES` (autocast). Records come in the original frame and carry what the resized frame needs."""
@@ -148,15 +150,14 @@ def worker_records(
     with torch_threads(settings.threads):
         device = torch.device(settings.device)
         started = time.perf_counter()
-        model = load_model(checkpoint, **settings.model_overrides()).eval().to(device)
+        model = load_model(checkpoint).eval().to(device)  # the driver's model, overrides applied
         log.info("model loaded on %s in %.1f s; reading %d shards", device, time.perf_counter() - started, len(names))
         batches = eval_batches(
             shards,
             names,
             shard_of,
-            image_size=model.config.image_size,
+            spec=model.input_spec,
             batch_size=settings.batch_size,
-            image_resize=model.config.image_resize,
             loader_workers=settings.loader_workers,
             device=device,
         )

@@ -5,7 +5,7 @@
 :mod:`sm_model.config`          the model's typed config; typed dataclasses from plain mappings
 :mod:`sm_model.pixels`          the pixel, resize and normalisation conventions
 :mod:`sm_model.backbones`       timm encoders (DINOv2, iBOT, ResNet) and their weights; :mod:`.lora`
-:mod:`sm_model.decoder`         the upsampling decoder to 1/4 resolution
+:mod:`sm_model.simplematch.decoder`         the upsampling decoder to 1/4 resolution
 :mod:`sm_model.matching`        sparse matching: keypoint features, cosine scores (pure functions)
 :mod:`sm_model.localizers`      argmax, dense, window and kernel soft-argmax (pure functions)
 :mod:`sm_model.loss`            the multi-scale Euclidean loss; the Gaussian cross-entropy
@@ -15,7 +15,7 @@
 :mod:`sm_model.registry`        the model kinds, ``build_model``, zero-shot specs
 :mod:`sm_model.checkpoint`      the checkpoint file format: save, read, load strictly
 :mod:`sm_model.official`        the released ``best_model.pth`` layout
-:mod:`sm_model.batches`         pairs prepared and batched for the network, the DataLoader
+:mod:`sm_feed.batches`         pairs prepared and batched for the network, the DataLoader
 ==============================  ===============================================================
 
 This package imports nothing itself: ``sm_model.config`` loads without torch.

@@ -1,12 +1,13 @@
 """The checkpoint file format: the one place that writes and reads model checkpoints, of any kind.
 
-A checkpoint is a ``torch.save`` file holding ``{"format": "simplematch-v1", "config":
-dataclasses.asdict(ModelConfig), "trainable_only": bool, "state_dict": ...}``; the config's
-``kind`` says which model of :mod:`sm_model.registry` to rebuild (absent in files written before
-there were kinds: ``simplematch``). A checkpoint
-directory (a Ray Train checkpoint) holds it as :data:`MODEL_FILE`. It is read with
-``weights_only=True``, so no pickled code runs. The released ``best_model.pth`` files have another
-layout: :mod:`sm_model.official`.
+A checkpoint is a ``torch.save`` file holding ``{"format": "simplematch-v2", "config":
+to_dict(ModelConfig), "trainable_only": bool, "state_dict": ...}``; the config's ``kind`` says
+which model to rebuild (:func:`sm_model.registry.build_model`) and its section under the kind's
+name holds the kind's options. ``simplematch-v1`` files (a flat config holding every kind's
+fields; no ``kind`` in files written before there were kinds: ``simplematch``) still load. A
+checkpoint directory (a Ray Train checkpoint) holds it as :data:`MODEL_FILE`. It is read with
+``weights_only=True``, so no pickled code runs. Released files of other layouts:
+:mod:`sm_model.released`; any of them by name: :func:`sm_model.factory.create_model`.
 
     >>> save_checkpoint(model, "model.pt")
     >>> model = load_model("model.pt", window_size=7)   # a run-time field overridden
@@ -14,44 +15,45 @@ layout: :mod:`sm_model.official`.
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import logging
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from sm_model.config import ModelConfig, from_dict, replace_fields
+from sm_model.config import ModelConfig, from_dict, model_kinds, plain_value, replace_fields, to_dict
 from sm_model.matcher import MatchModel
 from sm_model.registry import build_model
 from sm_model.state_dicts import check_state
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = "simplematch-v1"
+CHECKPOINT_FORMAT = "simplematch-v2"
+LEGACY_FORMAT = "simplematch-v1"
+"""The format before kinds had config sections: a flat config of every field of every kind."""
 MODEL_FILE = "model.pt"
 """The model file inside a checkpoint directory."""
 
-ARCHITECTURE_FIELDS = (
-    "kind",
-    "backbone",
-    "finetune",
-    "finetune_blocks",
-    "lora_rank",
-    "lora_alpha",
-    "decoder_channels",
-    "multiscale",
-    "final_norm",
-)
-"""Config fields that decide the parameters (their names, shapes, trainability or meaning): a
-checkpoint only loads into a model that agrees on all of them. The other fields (``weights``,
-``image_size``, dropout, windows, ``beta``, loss weights, keypoint sampling) are run-time
-settings that may legitimately differ, e.g. to evaluate with another window."""
+ARCHITECTURE_FIELDS = ("kind", "backbone", "finetune", "finetune_blocks", "lora_rank", "lora_alpha", "final_norm")
+"""Shared config fields that decide the parameters (their names, shapes, trainability or
+meaning); each kind's options name theirs (``ARCHITECTURE``, e.g. SimpleMatch's
+``decoder_channels`` and ``multiscale``). A checkpoint only loads into a model that agrees on all
+of them (:func:`architecture`). The other fields (``weights``, ``image_size``, dropout, windows,
+``beta``, loss weights, keypoint sampling) are run-time settings that may legitimately differ, e.g.
+to evaluate with another window."""
 
 Source = str | Path | bytes
 """A checkpoint file's path, or its bytes."""
+
+
+def architecture(config: ModelConfig) -> dict[str, Any]:
+    """The fields of ``config`` that decide the parameters, by name (a kind's options as
+    ``<kind>.<option>``)."""
+    shared = {name: getattr(config, name) for name in ARCHITECTURE_FIELDS}
+    return shared | {f"{config.kind}.{name}": getattr(config.options, name) for name in config.options.ARCHITECTURE}
 
 
 def trainable_state_keys(model: nn.Module) -> set[str]:
@@ -96,7 +98,7 @@ def _checkpoint_document(model: MatchModel, trainable_only: bool) -> dict[str, A
         state = {key: value for key, value in state.items() if key in keep}
     return {
         "format": CHECKPOINT_FORMAT,
-        "config": dataclasses.asdict(model.config),
+        "config": to_dict(model.config),
         "trainable_only": trainable_only,
         "state_dict": {key: value.detach().cpu() for key, value in state.items()},
     }
@@ -116,7 +118,7 @@ def read_checkpoint(source: Source, name: str | None = None) -> dict[str, Any]:
         checkpoint = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for a file that is not a checkpoint
         raise ValueError(f"{name} is not a readable torch checkpoint: {error}") from error
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") not in (CHECKPOINT_FORMAT, LEGACY_FORMAT):
         raise ValueError(
             f"{name} is not a {CHECKPOINT_FORMAT} checkpoint (save_checkpoint writes one; for a released "
             "best_model.pth use sm_model.official.official_model)"
@@ -126,7 +128,27 @@ def read_checkpoint(source: Source, name: str | None = None) -> dict[str, Any]:
 
 def saved_config(checkpoint: dict[str, Any], name: str = "checkpoint") -> ModelConfig:
     """The :class:`ModelConfig` a :func:`read_checkpoint` result was saved with."""
-    return from_dict(ModelConfig, checkpoint["config"], f"{name} config")
+    document = checkpoint["config"]
+    if checkpoint["format"] == LEGACY_FORMAT and isinstance(document, dict):
+        document = legacy_config(document)
+    return from_dict(ModelConfig, document, f"{name} config")
+
+
+def legacy_config(document: dict[str, Any]) -> dict[str, Any]:
+    """A ``simplematch-v1`` config, flat with every field of every kind (``dataclasses.asdict``
+    of the flat config of the time), without the fields of the other kinds, which it held at their
+    defaults. The kind's own flat fields move into its section when the document is read."""
+    kinds = model_kinds()
+    kind = document.get("kind", ModelConfig.kind)
+    own = {f.name for f in fields(kinds[kind].options)} if kind in kinds else set()
+    defaults = {
+        f.name: f.default
+        for name, info in kinds.items()
+        if name != kind
+        for f in fields(info.options)
+        if f.name not in own
+    }
+    return {key: value for key, value in document.items() if key not in defaults or plain_value(value) != plain_value(defaults[key])}
 
 
 def load_checkpoint(model: MatchModel, source: Source, name: str | None = None) -> None:
@@ -150,15 +172,17 @@ def load_model(source: Source, name: str | None = None, **overrides: Any) -> Mat
     trainable-only one builds its frozen backbone from the saved ``weights`` (pass ``weights=``
     where that file lives elsewhere), then loads the trainable part."""
     name = name or (str(source) if not isinstance(source, bytes) else "checkpoint bytes")
-    checkpoint = read_checkpoint(source, name)
+    return model_from_checkpoint(read_checkpoint(source, name), name, overrides)
+
+
+def model_from_checkpoint(checkpoint: dict[str, Any], name: str, overrides: dict[str, Any] | None = None) -> MatchModel:
+    """:func:`load_model` of a checkpoint already read (:func:`read_checkpoint`)."""
+    overrides = dict(overrides or {})
     config = saved_config(checkpoint, name)
     if not checkpoint["trainable_only"]:
         overrides = {"weights": None, **overrides}
     config = replace_fields(config, overrides, f"{name} with {overrides}") if overrides else config
-    if checkpoint["trainable_only"]:
-        model = build_model(config)
-    else:
-        model = empty_model(config)
+    model = build_model(config) if checkpoint["trainable_only"] else empty_model(config)
     _load_state(model, checkpoint, name)
     return model
 
@@ -189,10 +213,11 @@ def _load_state(model: MatchModel, checkpoint: dict[str, Any], name: str) -> Non
 
 
 def _check_config(model_config: ModelConfig, saved: ModelConfig, trainable_only: bool, source: str) -> None:
+    saved_architecture, model_architecture = architecture(saved), architecture(model_config)
     differing = [
-        f"{field}: checkpoint {getattr(saved, field)!r}, model {getattr(model_config, field)!r}"
-        for field in ARCHITECTURE_FIELDS
-        if getattr(saved, field) != getattr(model_config, field)
+        f"{field}: checkpoint {saved_architecture.get(field)!r}, model {model_architecture.get(field)!r}"
+        for field in dict.fromkeys([*saved_architecture, *model_architecture])
+        if saved_architecture.get(field) != model_architecture.get(field)
     ]
     if differing:
         raise ValueError(f"checkpoint {source} was saved from another architecture: " + "; ".join(differing))
@@ -202,9 +227,7 @@ def _check_config(model_config: ModelConfig, saved: ModelConfig, trainable_only:
             f"with weights {model_config.weights!r}: its frozen parameters would not be the ones it was trained on"
         )
     runtime_differences = [
-        field.name
-        for field in dataclasses.fields(ModelConfig)
-        if getattr(saved, field.name) != getattr(model_config, field.name)
+        field.name for field in fields(ModelConfig) if getattr(saved, field.name) != getattr(model_config, field.name)
     ]
     if runtime_differences:
         logger.info("checkpoint %s: the model's own %s are used, not the saved ones", source, runtime_differences)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import math
+import reprlib
 import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
@@ -23,10 +25,7 @@ KeypointSampling = Literal["bilinear", "nearest"]
 PositionResampling = Literal["official", "timm"]
 PixelConvention = Literal["center", "official"]
 ImageResize = Literal["antialiased", "official"]
-ModelKind = Literal["simplematch", "zero-shot", "baseline"]
 Localizer = Literal["argmax", "dense", "window", "kernel"]
-DEFAULT_LOCALIZERS: dict[str, Localizer] = {"simplematch": "window", "zero-shot": "argmax", "baseline": "kernel"}
-"""The localizer of each model kind when ``ModelConfig.localizer`` is ``None``."""
 
 
 class Bound(NamedTuple):
@@ -59,53 +58,95 @@ def require(config: Any, names: str, bound: Bound) -> None:
 
 
 @dataclass(frozen=True)
-class ModelConfig:
-    """``kind`` picks the model (:data:`sm_model.registry.MODEL_KINDS`): ``"simplematch"`` (backbone,
-    upsampling decoder, window soft-argmax), ``"zero-shot"`` (a frozen backbone's last-layer
-    features, nothing trained; ``finetune`` must be ``"frozen"``) or ``"baseline"`` (the survey's
-    strong baseline: backbone features, the last blocks fine-tuned, Gaussian cross-entropy).
-    Decoder fields only concern ``simplematch``; ``loss_temperature`` and ``target_window`` only
-    ``baseline``.
+class KindInfo:
+    """A registered model kind (:func:`register_kind`): ``options``, the dataclass of its config
+    section; ``model``, where its model class is (``"module:Class"``, imported when a model is
+    built, so that configs load without torch); ``localizer``, its own localizer; ``trains``,
+    whether it has anything to train."""
 
-    ``backbone``: a name of :data:`sm_model.backbones.BACKBONES`.
-    ``weights``: ``None`` (random init), ``"hub"`` (timm's pretrained weights, needs network) or a
-    local checkpoint path. ``image_size``: square network input side (a multiple of the patch size
-    for ViTs). ``finetune`` with ``finetune_blocks`` (the last N transformer blocks) and the LoRA
-    ``lora_rank``/``lora_alpha`` (scaling alpha / rank, loralib convention). ``decoder_channels`` and
-    ``decoder_dropout`` shape the upsampling decoder. ``window_size`` is the soft-argmax window in
-    cells of the 1/4-resolution map (``None``: dense soft-argmax over the whole map); coarser scales
-    use ``coarse_window_sizes`` (1/16, 1/8). ``beta`` is the soft-argmax temperature.
-    ``multiscale`` predicts and supervises at 1/16, 1/8 and 1/4 with ``scale_weights``;
-    otherwise only at 1/4. ``position_resampling`` (ViTs) fits the pretrained positional embedding
-    to the input's patch grid as the DINO, DINOv2 and iBOT code that trained the released weights
-    does (``"official"``: bicubic, 0.1-cell offset, no antialiasing) or as timm does (``"timm"``:
-    bicubic to the exact size, antialiased).
+    name: str
+    options: type
+    model: str
+    localizer: Localizer
+    trains: bool
+
+
+KINDS: dict[str, KindInfo] = {}
+"""Every registered model kind by name; read it through :func:`model_kinds`."""
+KIND_PACKAGES = ("sm_model.simplematch", "sm_model.feature_matcher")
+"""The packages whose import registers the kinds (their ``config`` modules; no torch)."""
+
+
+def register_kind(name: str, *, model: str, localizer: Localizer, trains: bool = True) -> Callable[[type], type]:
+    """Class decorator for a kind's options dataclass, next to the kind: it registers ``name``
+    with its config section (the decorated class), its model class (``"module:Class"``) and its
+    localizer, as timm's ``register_model`` registers a model where it is defined."""
+
+    def register(options: type) -> type:
+        if name in KINDS and KINDS[name].options is not options:
+            raise ValueError(f"model kind {name!r} is registered twice")
+        KINDS[name] = KindInfo(name, options, model, localizer, trains)
+        return options
+
+    return register
+
+
+def model_kinds() -> dict[str, KindInfo]:
+    """Every registered model kind, :data:`KIND_PACKAGES` imported first."""
+    for package in KIND_PACKAGES:
+        importlib.import_module(package)
+    return KINDS
+
+
+def kind_info(kind: str) -> KindInfo:
+    """The registered kind ``kind``; a ValueError listing the registered ones otherwise."""
+    kinds = model_kinds()
+    if kind not in kinds:
+        raise ValueError(f"unknown model kind {kind!r}; registered: {', '.join(kinds)}")
+    return kinds[kind]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The fields every model kind shares, and ``options``: the section of ``kind``, a dataclass
+    registered with the kind (:func:`register_kind`; ``None`` means its defaults). In a YAML config
+    or a checkpoint the section is a mapping under the kind's name::
+
+        model:
+          kind: simplematch
+          backbone: dinov2_vitb14
+          simplematch: {decoder_channels: 768, multiscale: false}
+
+    A key of another kind's section is an error naming both kinds. The flat layout of configs and
+    checkpoints written before kinds had sections (``decoder_channels: 768`` beside ``backbone``)
+    still loads: a flat key of the kind's own section moves into it.
+
+    ``kind`` picks the model (:func:`model_kinds`): ``simplematch`` (the default), ``zero-shot``,
+    ``baseline``, each documented with its options.
+
+    ``backbone``: a name of :data:`sm_model.backbones.BACKBONES`. ``weights``: ``None`` (random
+    init), ``"hub"`` (timm's pretrained weights, needs network) or a local checkpoint path.
+    ``image_size``: the square network input side (a multiple of the patch size for ViTs).
+    ``finetune`` with ``finetune_blocks`` (the last N transformer blocks) and the LoRA
+    ``lora_rank``/``lora_alpha`` (scaling alpha / rank, loralib convention).
+    ``position_resampling`` (ViTs) fits the pretrained positional embedding to the input's patch
+    grid as the DINO, DINOv2 and iBOT code that trained the released weights does (``"official"``:
+    bicubic, 0.1-cell offset, no antialiasing) or as timm does (``"timm"``). ``final_norm`` (ViTs)
+    applies the backbone's final LayerNorm to the features.
 
     ``pixel_convention`` says where a pixel is (:mod:`sm_model.pixels`): ``"center"`` (the
-    project's, for the models it trains) maps points between the original image and the S x S input
-    with pixel centres aligned, ``x' = (x + 0.5) * S / W - 0.5``, and cell ``j`` of a stride-``s``
-    map to its centre ``s*j + (s - 1)/2``; ``"official"`` (the released code's; set by
-    :func:`sm_model.official.official_model` for released checkpoints) uses ``x' = x * S / W`` and
-    cell ``j`` at pixel ``s*j``, and reads source features at the integer cell ``floor(x' / s)``.
-    ``keypoint_sampling`` overrides how source features are read: ``None`` (default) is the
-    convention's own (``"bilinear"`` for center, ``"nearest"`` for official), ``"bilinear"``
-    interpolates at the keypoint's cell coordinate, ``"nearest"`` reads the integer cell
-    ``floor(x' / s)`` (kept so that configs and checkpoints that set it load as before).
-    ``image_resize`` is how images are resized to S x S (:func:`sm_model.pixels.resize_image`):
-    ``"antialiased"`` (PIL bilinear) or ``"official"`` (OpenCV's bilinear without antialiasing, as
-    the released code; set for released checkpoints). The checkpoint saves all three with the
-    config, so a model predicts in the convention it was trained or released with.
+    project's) or ``"official"`` (the released code's; set for released checkpoints).
+    ``keypoint_sampling`` overrides how source features are read (``None``: the convention's own).
+    ``image_resize`` is how images are resized to S x S: ``"antialiased"`` (PIL bilinear) or
+    ``"official"`` (OpenCV's bilinear, as the released code). The model's whole input is
+    :class:`sm_model.inputs.InputSpec`.
 
-    ``final_norm`` (ViTs) applies the backbone's final LayerNorm to the features (SimpleMatch reads
-    them before it; the survey after it). ``localizer`` (:data:`sm_model.localizers.LOCALIZERS`)
-    turns score maps into points: ``None`` is the kind's own (``window`` for ``simplematch``, with
-    ``window_size``/``coarse_window_sizes``; ``argmax`` for ``zero-shot``; ``kernel`` for
-    ``baseline``); ``beta`` is the temperature of every soft-argmax and ``kernel_sigma`` (cells) the
-    kernel soft-argmax's Gaussian width. ``baseline`` trains with a softmax at ``loss_temperature``
-    against a Gaussian-smoothed ``target_window`` x ``target_window`` target
-    (:func:`sm_model.loss.gaussian_cross_entropy`)."""
+    ``localizer`` (:data:`sm_model.localizers.LOCALIZERS`) turns score maps into points: ``None``
+    is the kind's own; ``window_size`` is the ``window`` localizer's window in cells of the finest
+    map (``None``: dense), ``beta`` the temperature of every soft-argmax, ``kernel_sigma`` (cells)
+    the kernel soft-argmax's Gaussian width."""
 
-    kind: ModelKind = "simplematch"
+    kind: str = "simplematch"
 
     backbone: str = "dinov2_vitb14"
     weights: str | None = None
@@ -114,53 +155,101 @@ class ModelConfig:
     finetune_blocks: int = 6
     lora_rank: int = 16
     lora_alpha: float = 1.0
-    decoder_channels: int = 768
-    decoder_dropout: float = 0.3
-    window_size: int | None = 45
-    coarse_window_sizes: tuple[int | None, int | None] = (None, 15)
-    beta: float = 0.02
-    multiscale: bool = False
-    scale_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
-    keypoint_sampling: KeypointSampling | None = None
     position_resampling: PositionResampling = "official"
-    pixel_convention: PixelConvention = "center"
-    image_resize: ImageResize = "antialiased"
     final_norm: bool = False
+    pixel_convention: PixelConvention = "center"
+    keypoint_sampling: KeypointSampling | None = None
+    image_resize: ImageResize = "antialiased"
     localizer: Localizer | None = None
+    window_size: int | None = 45
+    beta: float = 0.02
     kernel_sigma: float = 7.0
-    loss_temperature: float = 0.03
-    target_window: int = 7
+    options: Any = None
 
     def __post_init__(self) -> None:
-        require(self, "image_size lora_rank decoder_channels window_size coarse_window_sizes", AT_LEAST_ONE)
-        require(self, "lora_alpha beta kernel_sigma loss_temperature", POSITIVE)
-        require(self, "target_window", Bound("an odd number of cells, at least 1", lambda value: value % 2 == 1))
-        require(self, "scale_weights", NON_NEGATIVE)
-        require(self, "decoder_dropout", Bound("in [0, 1)", lambda value: 0 <= value < 1))
-        if self.kind == "zero-shot" and self.finetune != "frozen":
-            raise ValueError(f"a zero-shot model trains nothing: finetune must be 'frozen', got {self.finetune!r}")
+        info = kind_info(self.kind)
+        if self.options is None:
+            object.__setattr__(self, "options", info.options())
+        elif type(self.options) is not info.options:
+            raise ValueError(
+                f"options of kind {self.kind!r} must be {info.options.__name__}, got {type(self.options).__name__}"
+            )
+        require(self, "image_size lora_rank window_size", AT_LEAST_ONE)
+        require(self, "lora_alpha beta kernel_sigma", POSITIVE)
+        check = getattr(self.options, "check", None)
+        if check is not None:
+            check(self)
 
     @property
     def localizer_method(self) -> Localizer:
-        """``localizer``, or the kind's own (:data:`DEFAULT_LOCALIZERS`) when it is ``None``."""
-        return self.localizer or DEFAULT_LOCALIZERS[self.kind]
+        """``localizer``, or the kind's own when it is ``None``."""
+        return self.localizer or kind_info(self.kind).localizer
+
+    @classmethod
+    def from_document(cls, document: Any, source: str, where: str = "") -> ModelConfig:
+        """:func:`from_dict` for a model config: the kind's section read as its options (a flat
+        key of that section moved into it, the earlier layout), a key of another kind's section
+        refused naming both kinds."""
+        if not isinstance(document, Mapping):
+            raise ConfigError(f"{source}: {where.rstrip('.') or 'top level'} must be a mapping, got {_shown(document)}")
+        document = dict(document)
+        kinds = model_kinds()
+        kind = document.get("kind", cls.kind)
+        if not isinstance(kind, str) or kind not in kinds:
+            raise ConfigError(f"{source}: {where}kind={_shown(kind)} is not one of {list(kinds)}")
+        info = kinds[kind]
+        section = document.pop(kind, None)
+        if section is not None and not isinstance(section, Mapping):
+            raise ConfigError(f"{source}: {where}{kind} must be a mapping of {kind} options, got {_shown(section)}")
+        shared = {f.name for f in fields(cls)} - {"options"}
+        own = {f.name for f in fields(info.options)}
+        flat = {}
+        for key in [key for key in document if key not in shared]:
+            if key in own:
+                flat[key] = document.pop(key)
+                continue
+            owner = key if key in kinds else next((k for k, i in kinds.items() if key in {f.name for f in fields(i.options)}), None)
+            if owner is not None:
+                what = f"the section of kind {owner!r}" if key == owner else f"an option of kind {owner!r}"
+                raise ConfigError(f"{source}: {where}{key} is {what}, but the model's kind is {kind!r}")
+        options = from_dict(info.options, {**(section or {}), **flat}, source, f"{where}{kind}.")
+        return _build(cls, document, source, where, given={"options": options})
+
+    def to_document(self) -> dict[str, Any]:
+        """The config as plain YAML-ready values, the options under the kind's name."""
+        document = {f.name: plain_value(getattr(self, f.name)) for f in fields(self) if f.name != "options"}
+        document[self.kind] = to_dict(self.options)
+        return document
 
 
 class ConfigError(ValueError):
-    """A configuration that does not fit :class:`TrainConfig`; the message names the source and key."""
+    """A configuration that does not fit its typed config; the message names the source and key."""
 
 
 def to_dict(config: Any) -> dict[str, Any]:
     """The config as plain YAML-ready types (tuples become lists); :func:`from_dict` inverts it."""
-    return _plain(dataclasses.asdict(config))
+    to_document = getattr(config, "to_document", None)
+    if to_document is not None:
+        return to_document()
+    return {f.name: plain_value(getattr(config, f.name)) for f in fields(config)}
 
 
 def from_dict(cls: type, document: Mapping[str, Any], source: str, where: str = "") -> Any:
-    """Build dataclass ``cls`` from ``document``, checking every key and value against the field types."""
+    """Build dataclass ``cls`` from ``document``, checking every key and value against the field
+    types (a class with a ``from_document`` classmethod reads its documents itself)."""
+    from_document = getattr(cls, "from_document", None)
+    if from_document is not None:
+        return from_document(document, source, where)
+    return _build(cls, document, source, where)
+
+
+def _build(cls: type, document: Any, source: str, where: str, given: Mapping[str, Any] | None = None) -> Any:
+    """:func:`from_dict`'s body; ``given``: fields already built, not read from ``document``."""
+    given = given or {}
     if not isinstance(document, Mapping):
         raise ConfigError(f"{source}: {where or 'top level'} must be a mapping, got {document!r}")
     hints = get_type_hints(cls)
-    names = [f.name for f in fields(cls)]
+    names = [f.name for f in fields(cls) if f.name not in given]
     unknown = [key for key in document if key not in names]
     if unknown:
         key = unknown[0]
@@ -175,7 +264,7 @@ def from_dict(cls: type, document: Mapping[str, Any], source: str, where: str = 
         else:
             values[name] = _coerce(value, hint, source, where + name)
     try:
-        return cls(**values)
+        return cls(**values, **given)
     except OutOfRange as error:
         raise ConfigError(f"{source}: {where}{error}") from None
     except (TypeError, ValueError) as error:  # a dataclass's own checks (__post_init__)
@@ -196,8 +285,26 @@ def parse_override(text: str, what: str = "override", form: str = "section.key=v
 
 def replace_fields(config: Any, overrides: Mapping[str, Any], source: str) -> Any:
     """``config`` (a dataclass) with the fields in ``overrides`` replaced, each value checked as
-    :func:`from_dict` checks a file's (a ``ConfigError`` naming ``source`` and the key otherwise)."""
-    return from_dict(type(config), {**to_dict(config), **overrides}, source)
+    :func:`from_dict` checks a file's (a ``ConfigError`` naming ``source`` and the key otherwise).
+    A dotted key (``simplematch.multiscale``) replaces a field of a section."""
+    document = to_dict(config)
+    for key, value in overrides.items():
+        set_dotted(document, key, value, source)
+    return from_dict(type(config), document, source)
+
+
+def set_dotted(document: dict[str, Any], key: str, value: Any, source: str) -> None:
+    """Set ``document["a"]["b"] = value`` for ``key="a.b"``, creating sections as needed."""
+    *sections, leaf = key.split(".")
+    node = document
+    for section in sections:
+        child = node.setdefault(section, {})
+        if child is None:
+            child = node[section] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{source}: {section!r} is a value, not a section")
+        node = child
+    node[leaf] = value
 
 
 def _coerce(value: Any, hint: Any, source: str, key: str) -> Any:
@@ -249,6 +356,13 @@ def _coerce(value: Any, hint: Any, source: str, key: str) -> Any:
     raise ConfigError(f"{source}: {key} has an unsupported type {hint}")
 
 
+def _shown(value: Any) -> str:
+    """``repr(value)``, cut short: a value from a config file may be huge."""
+    short = reprlib.Repr()
+    short.maxlevel, short.maxtuple, short.maxlist, short.maxdict, short.maxstring, short.maxother = 2, 4, 4, 4, 60, 60
+    return short.repr(value)
+
+
 def _float_or_none(text: str) -> float | str:
     try:
         return float(text)
@@ -256,9 +370,11 @@ def _float_or_none(text: str) -> float | str:
         return text
 
 
-def _plain(value: Any) -> Any:
+def plain_value(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return to_dict(value)
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: plain_value(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain_value(v) for v in value]
     return value

@@ -34,9 +34,9 @@ from torch import Tensor
 from sm_model.backbones import BACKBONES, get_spec, ibot_to_timm
 from sm_model.checkpoint import empty_model
 from sm_model.config import ModelConfig
-from sm_model.decoder import ResNetDecoder
 from sm_model.lora import LORA_PARAMETER_NAMES
-from sm_model.simplematch import SimpleMatch
+from sm_model.simplematch.decoder import ResNetDecoder
+from sm_model.simplematch.model import SimpleMatch
 from sm_model.state_dicts import check_state, listed, read_state_dict
 
 logger = logging.getLogger(__name__)
@@ -113,16 +113,19 @@ def released_config(
     if (layout == "resnet") != (kind == "resnet"):
         held = "a ResNet" if layout == "resnet" else "a ViT"
         raise ValueError(f"the released checkpoint holds {held} model, but the config's backbone is {config.backbone}")
+    if config.kind != "simplematch":
+        raise ValueError(f"a released SimpleMatch checkpoint needs a simplematch model config, got kind {config.kind!r}")
+    options: dict[str, object] = {"multiscale": layout == "resnet"}
+    head = state.get("proj3.weight" if layout == "resnet" else "proj.weight")
+    if head is not None:
+        options["decoder_channels"] = int(head.shape[0])
     fields: dict[str, object] = {
         **OFFICIAL_SETTINGS,
         "position_resampling": "official",
         "finetune": "full",
         "weights": None,
-        "multiscale": layout == "resnet",
+        "options": dataclasses.replace(config.options, **options),
     }
-    head = state.get("proj3.weight" if layout == "resnet" else "proj.weight")
-    if head is not None:
-        fields["decoder_channels"] = int(head.shape[0])
     if layout == "lora":
         weights = backbone_weights if backbone_weights is not None else config.weights
         if weights is None:
@@ -199,7 +202,7 @@ def _read_official(source: Source) -> dict[str, Tensor]:
 def _load_official_state(model: SimpleMatch, official: dict[str, Tensor], path: str) -> None:
     config = model.config
     resnet = isinstance(model.decoder, ResNetDecoder)
-    if resnet and (config.finetune != "full" or not config.multiscale):
+    if resnet and (config.finetune != "full" or not config.options.multiscale):
         raise ValueError("the released ResNet model is fully fine-tuned with three heads: finetune 'full', multiscale")
     if config.finetune not in ("lora", "full"):
         raise ValueError(f"the released models use finetune 'lora' (DINOv2) or 'full' (iBOT), not {config.finetune!r}")

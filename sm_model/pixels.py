@@ -34,7 +34,7 @@ Images are resized by :func:`resize_image` as ``ModelConfig.image_resize`` says,
 :data:`IMAGE_RESIZES`: ``"antialiased"`` (PIL's bilinear, which widens its filter when shrinking)
 or ``"official"`` (OpenCV's ``cv2.resize`` ``INTER_LINEAR`` on uint8, which the official code uses:
 bilinear between the two nearest pixels, no antialiasing, reproduced here bit for bit in numpy).
-They reach the backbones ImageNet-normalised (:func:`normalize_images`).
+A model's input as a whole (size, resize, normalisation, convention) is :mod:`sm_model.inputs`.
 """
 
 from __future__ import annotations
@@ -50,8 +50,6 @@ from sm_model.config import ImageResize, KeypointSampling, PixelConvention
 
 PIXEL_CONVENTIONS: tuple[str, ...] = get_args(PixelConvention)
 IMAGE_RESIZES: tuple[str, ...] = get_args(ImageResize)
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 Points = TypeVar("Points", np.ndarray, Tensor)
 
@@ -189,14 +187,6 @@ def _opencv_taps(source: int, size: int, clamp: bool) -> tuple[np.ndarray, np.nd
     one = np.float32(1 << _COEF_BITS)
     weights = (np.rint((1 - fraction) * one).astype(np.int64), np.rint(fraction * one).astype(np.int64))
     return np.clip(first, 0, source - 1), np.clip(first + 1, 0, source - 1), weights
-
-
-def normalize_images(images: Tensor) -> Tensor:
-    """``[B, 3, S, S]`` float in ``[0, 1]`` -> ImageNet-normalised, the input every backbone
-    (and the official code) expects."""
-    mean = images.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = images.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (images - mean) / std
 
 
 def _as_float(sizes: Tensor, like: Tensor) -> Tensor:

@@ -1,39 +1,28 @@
-"""The model registry: every model kind by its ``ModelConfig.kind``, built by :func:`build_model`.
+"""Models by kind: :func:`build_model` builds the model of ``ModelConfig.kind``.
 
-=================  ================================================================================
-``simplematch``    :class:`~sm_model.simplematch.SimpleMatch`: backbone, decoder to 1/4, window soft-argmax
-``zero-shot``      :class:`~sm_model.feature_matcher.FeatureMatcher`: a frozen backbone's features
-``baseline``       :class:`~sm_model.feature_matcher.FeatureMatcher`: the survey's strong baseline
-=================  ================================================================================
-
-Every kind keeps the :class:`~sm_model.matcher.MatchModel` contract, and checkpoints record the
-kind (:mod:`sm_model.checkpoint`). A zero-shot model needs no checkpoint: :func:`zero_shot_config`
-builds its config from a spec such as ``zero-shot:dinov2_vitb14``.
+Each kind registers itself where it is defined (:func:`sm_model.config.register_kind` on its
+options dataclass, in ``sm_model/<kind package>/config.py``): its config section, its model class
+and its localizer. Every kind keeps the :class:`~sm_model.matcher.MatchModel` contract, and
+checkpoints record the kind (:mod:`sm_model.checkpoint`). A zero-shot model needs no checkpoint:
+:func:`zero_shot_config` builds its config from a spec such as ``zero-shot:dinov2_vitb14``. Any
+model from a name (checkpoint, released file, ``zero-shot:NAME``): :func:`sm_model.factory.create_model`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
 
 from sm_model.backbones import get_spec
-from sm_model.config import ModelConfig
-from sm_model.feature_matcher import FeatureMatcher
+from sm_model.config import ModelConfig, kind_info
 from sm_model.matcher import MatchModel
-from sm_model.simplematch import SimpleMatch
 
-MODEL_KINDS: dict[str, Callable[[ModelConfig], MatchModel]] = {
-    "simplematch": SimpleMatch,
-    "zero-shot": FeatureMatcher,
-    "baseline": FeatureMatcher,
-}
 ZERO_SHOT_PREFIX = "zero-shot:"
 
 
 def build_model(config: ModelConfig) -> MatchModel:
     """The model of ``config.kind``, built from ``config``."""
-    if config.kind not in MODEL_KINDS:
-        raise ValueError(f"unknown model kind {config.kind!r}; registered: {', '.join(MODEL_KINDS)}")
-    return MODEL_KINDS[config.kind](config)
+    module, _, name = kind_info(config.kind).model.partition(":")
+    return getattr(importlib.import_module(module), name)(config)
 
 
 def is_zero_shot_spec(text: str) -> bool:

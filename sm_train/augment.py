@@ -83,7 +83,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sm_model.batches import PairBatch
+from sm_feed.batches import PairBatch
 from sm_train.config import AugmentConfig
 
 # --- geometry: pure functions on per-sample 3x3 matrices (source pixels -> output pixels) ---------

@@ -15,7 +15,7 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, get_args, get_type_hints
+from typing import Any, Literal, get_type_hints
 
 import yaml
 
@@ -27,11 +27,12 @@ from sm_model.config import (
     Bound,
     ConfigError,
     ModelConfig,
-    ModelKind,
     OutOfRange,
     from_dict,
+    model_kinds,
     parse_override,
     require,
+    set_dotted,
     to_dict,
 )
 
@@ -44,8 +45,6 @@ ValFrame = Literal["original", "resized"]
 PairDraws = Literal["independent", "official"]
 OptimizerName = Literal["adam", "adamw", "sgd"]
 LrSchedule = Literal["iterations", "epochs"]
-TRAINABLE_KINDS = ("simplematch", "baseline")
-"""The model kinds ``sm_train`` trains (``zero-shot`` trains nothing: ``sm_eval`` scores it as it is)."""
 
 
 @dataclass(frozen=True)
@@ -253,7 +252,7 @@ class RunSettings:
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything a training run needs; one section per concern. ``model.kind`` must be one of
-    :data:`TRAINABLE_KINDS`."""
+    :func:`trainable_kinds`."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -263,14 +262,20 @@ class TrainConfig:
     run: RunSettings = field(default_factory=RunSettings)
 
     def __post_init__(self) -> None:
-        if self.model.kind not in TRAINABLE_KINDS:
+        if self.model.kind not in trainable_kinds():
             raise OutOfRange(untrainable_kind(self.model.kind, self.model.backbone))
+
+
+def trainable_kinds() -> list[str]:
+    """The model kinds ``sm_train`` trains: every registered one with something to train
+    (``zero-shot`` trains nothing: ``sm_eval`` scores it as it is)."""
+    return [name for name, info in model_kinds().items() if info.trains]
 
 
 def untrainable_kind(kind: str, backbone: str) -> str:
     """Why ``model.kind`` cannot be trained (an :class:`OutOfRange` message naming the key)."""
     return (
-        f"model.kind must be one of {list(TRAINABLE_KINDS)} to train, got {kind!r}: a zero-shot model "
+        f"model.kind must be one of {trainable_kinds()} to train, got {kind!r}: a zero-shot model "
         f"trains nothing; evaluate it with python -m sm_eval --model zero-shot:{backbone}"
     )
 
@@ -310,21 +315,9 @@ def train_config(document: dict[str, Any], source: str) -> TrainConfig:
     nothing before the model section's own checks (which would ask a zero-shot model to be
     frozen, a setting training refuses anyway; ``TrainConfig`` checks the kind too)."""
     model = document.get("model") if isinstance(document.get("model"), dict) else {}
-    if model.get("kind") in get_args(ModelKind) and model["kind"] not in TRAINABLE_KINDS:
+    if model.get("kind") in model_kinds() and model["kind"] not in trainable_kinds():
         raise ConfigError(f"{source}: {untrainable_kind(model['kind'], model.get('backbone', ModelConfig.backbone))}")
     return from_dict(TrainConfig, document, source)
-
-
-def set_dotted(document: dict[str, Any], key: str, value: Any, source: str) -> None:
-    """Set ``document["a"]["b"] = value`` for ``key="a.b"``, creating sections as needed."""
-    *sections, leaf = key.split(".")
-    node = document
-    for section in sections:
-        child = node.setdefault(section, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"{source}: {section!r} is a value, not a section")
-        node = child
-    node[leaf] = value
 
 
 def dump_yaml(config: TrainConfig) -> str:
@@ -337,7 +330,10 @@ def config_keys(cls: type = TrainConfig, prefix: str = "") -> list[str]:
     keys = []
     for f in fields(cls):
         hint = get_type_hints(cls)[f.name]
-        if dataclasses.is_dataclass(hint):
+        if cls is ModelConfig and f.name == "options":  # a section per kind, under its name
+            for name, info in model_kinds().items():
+                keys += config_keys(info.options, f"{prefix}{name}.")
+        elif dataclasses.is_dataclass(hint):
             keys += config_keys(hint, f"{prefix}{f.name}.")
         else:
             keys.append(f"{prefix}{f.name}")

@@ -1,9 +1,9 @@
-"""Training pairs from shards to network-ready batches (:mod:`sm_model.batches`): exact per-rank
+"""Training pairs from shards to network-ready batches (:mod:`sm_feed.batches`): exact per-rank
 epoch plans, CPU decoding and resizing in DataLoader processes, batches in the same order for any
 number of them.
 
     >>> plan = plan_epoch(split_shards(shards, "trn"), world_size=2, seed=0, epoch=3)
-    >>> for batch in pair_batches(shards, plan.ranks[rank], image_size=252, batch_size=8, ...):
+    >>> for batch in pair_batches(shards, plan.ranks[rank], spec=model.input_spec, batch_size=8, ...):
     ...     batch = batch.to(device)
 
 Exact epochs: :func:`plan_epoch` shuffles the shard order with ``seed + epoch`` (identically on
@@ -24,8 +24,8 @@ import torch
 
 from pipelines.reader import ShardSlice, entry_order, shuffle_pairs
 from pipelines.storage import Location
-from sm_model.batches import PairBatch, PairRef, assemble_batch, pair_refs, pins_memory, to_device
-from sm_model.config import ImageResize
+from sm_feed.batches import PairBatch, PairRef, assemble_batch, pair_refs, pins_memory, to_device
+from sm_model.inputs import InputSpec
 
 
 @dataclass(frozen=True)
@@ -77,9 +77,8 @@ def pair_batches(
     shards: Location,
     entries: Sequence[str | ShardSlice],
     *,
-    image_size: int,
+    spec: InputSpec,
     batch_size: int,
-    image_resize: ImageResize = "antialiased",
     loader_workers: int = 0,
     shuffle_buffer: int = 0,
     seed: int = 0,
@@ -91,24 +90,22 @@ def pair_batches(
 ) -> Iterator[PairBatch]:
     """Batches of the pairs in ``entries``, in the order :func:`pipelines.reader.pair_dataset`
     yields them in one process (its shard order, shuffling and splitting), read, checked and
-    resized (``image_resize``, the model's) by ``loader_workers`` processes
-    (:func:`sm_model.batches.pair_refs`; forkserver: forking inside Ray workers can deadlock) and
+    resized as the model's input ``spec`` says by ``loader_workers`` processes
+    (:func:`sm_feed.batches.pair_refs`; forkserver: forking inside Ray workers can deadlock) and
     assembled here. The batches do not depend on ``loader_workers``: the same seed, epoch and
     position give the same batches, byte for byte, with any number of loader processes.
 
     With ``max_batches`` only full batches are yielded, at most that many (training); otherwise
     every pair is yielded and the last batch may be short (evaluation). ``skip_batches`` drops the
     first batches of the stream (resuming mid-epoch). With a CUDA ``device`` the batches come on
-    it, each copied while the previous one is in use (:func:`sm_model.batches.to_device`)."""
+    it, each copied while the previous one is in use (:func:`sm_feed.batches.to_device`)."""
     if not entries:
         return
     shuffle = shuffle_buffer > 0
     ordered = entry_order(shards, entries, shuffle=shuffle, seed=seed, epoch=epoch, split_nodes=split_nodes)
     refs: Iterator[PairRef] = iter(())
     if ordered:
-        refs = pair_refs(
-            shards, ordered, image_size=image_size, image_resize=image_resize, loader_workers=loader_workers
-        )
+        refs = pair_refs(shards, ordered, spec=spec, loader_workers=loader_workers)
     if shuffle:
         refs = shuffle_pairs(refs, shuffle_buffer, seed + epoch)
     batches = _cut(refs, shards, batch_size, max_batches, skip_batches, pins_memory(device))

@@ -1,6 +1,6 @@
 """The training loop each Ray Train worker runs: ``train_loop_per_worker``.
 
-Any trainable model kind (:func:`sm_model.registry.build_model`; ``simplematch`` or ``baseline``)
+Any trainable model kind (:func:`sm_model.factory.create_model`; ``simplematch`` or ``baseline``)
 trains here unchanged. Per epoch every worker reads its exact share of the training pairs
 (:func:`sm_train.data.plan_epoch`), augments on the device, steps the optimizer and the
 learning-rate schedule (:func:`build_scheduler`: per iteration, or per epoch at the epoch's end,
@@ -36,12 +36,11 @@ from pipelines.reader import split_shards
 from pipelines.storage import Location
 from sm_eval.pck import KeypointRecords, records_in_frame, summarize
 from sm_eval.predict import predict_records
-from sm_model.batches import PairBatch
+from sm_feed.batches import PairBatch
 from sm_model.checkpoint import MODEL_FILE, load_checkpoint, save_checkpoint
 from sm_model.config import from_dict
+from sm_model.factory import create_model
 from sm_model.matcher import MatchModel
-from sm_model.pixels import normalize_images, original_to_input_pixels
-from sm_model.registry import build_model
 from sm_train.augment import PairAugmentation
 from sm_train.config import SELECTION_METRIC, OptimConfig, TrainConfig, dump_yaml, val_metric
 from sm_train.data import pair_batches, plan_epoch
@@ -77,7 +76,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(config.train.seed + rank)
     autocast_dtype = autocast_dtype_for(config.train.precision, device)
 
-    model = build_model(config.model).to(device)
+    model = create_model(config.model).to(device)
     optimizer = build_optimizer(config.optim, model)
     scheduler = build_scheduler(config.optim, optimizer)
     per_iteration = config.optim.lr_schedule == "iterations"
@@ -123,9 +122,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         batches = pair_batches(
             shards,
             plan.ranks[rank],
-            image_size=config.model.image_size,
+            spec=model.input_spec,
             batch_size=config.train.batch_size,
-            image_resize=config.model.image_resize,
             loader_workers=config.data.loader_workers,
             shuffle_buffer=config.data.shuffle_buffer,
             seed=config.train.seed,
@@ -192,14 +190,13 @@ def train_step(
     """One optimizer step on ``batch`` (on the device); returns the detached loss.
 
     ``trained`` is what runs forward (the DDP wrapper when distributed), ``model`` the bare module."""
-    size = config.model.image_size
+    spec = model.input_spec  # its pixel convention is the frame of the model's predictions
     batch = augment.exchange(batch)
     categories = [meta.category for meta in batch.meta]
-    convention = config.model.pixel_convention  # the model's: its predictions are in that frame
-    src_kps = original_to_input_pixels(batch.src_kps, batch.src_size, size, convention)
-    trg_kps = original_to_input_pixels(batch.trg_kps, batch.trg_size, size, convention)
-    src_bbox = original_to_input_pixels(batch.src_bbox.view(-1, 2, 2), batch.src_size, size, convention).view(-1, 4)
-    trg_bbox = original_to_input_pixels(batch.trg_bbox.view(-1, 2, 2), batch.trg_size, size, convention).view(-1, 4)
+    src_kps = spec.to_input_pixels(batch.src_kps, batch.src_size)
+    trg_kps = spec.to_input_pixels(batch.trg_kps, batch.trg_size)
+    src_bbox = spec.to_input_pixels(batch.src_bbox.view(-1, 2, 2), batch.src_size).view(-1, 4)
+    trg_bbox = spec.to_input_pixels(batch.trg_bbox.view(-1, 2, 2), batch.trg_size).view(-1, 4)
     with torch.no_grad():
         # augment.pair_draws decides whether the geometry is drawn per image or once per pair.
         (src, src_kps, src_in), (trg, trg_kps, trg_in) = augment.pair(
@@ -209,7 +206,7 @@ def train_step(
         )
     valid = batch.valid & src_in & trg_in
     with torch.autocast(src.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-        predictions = trained(normalize_images(src), normalize_images(trg), src_kps, valid)
+        predictions = trained(spec.normalize(src), spec.normalize(trg), src_kps, valid)
     loss = model.loss(predictions, trg_kps, valid)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -283,9 +280,8 @@ def validation_metrics(
     batches = pair_batches(
         shards,
         val_shards,
-        image_size=config.model.image_size,
+        spec=model.input_spec,
         batch_size=config.data.val_batch_size,
-        image_resize=config.model.image_resize,
         loader_workers=config.data.loader_workers,
         device=device,
     )

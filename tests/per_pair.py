@@ -1,6 +1,6 @@
-"""The per-pair path the data path of :mod:`sm_model.batches` replaced: every pair's two images
+"""The per-pair path the data path of :mod:`sm_feed.batches` replaced: every pair's two images
 resized on their own, pairs stacked into a batch. Tests keep it as the reference that
-:func:`sm_model.batches.assemble_batch` must equal byte for byte, and to build small batches."""
+:func:`sm_feed.batches.assemble_batch` must equal byte for byte, and to build small batches."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from pipelines.schema import PairSample
-from sm_model.batches import PairBatch, PairMeta
+from sm_feed.batches import PairBatch, PairMeta
 from sm_model.config import ImageResize
 from sm_model.pixels import resize_image
 

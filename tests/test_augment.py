@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sm_model.batches import PairBatch
+from sm_feed.batches import PairBatch
 from sm_train.augment import (
     PairAugmentation,
     brightness_contrast,

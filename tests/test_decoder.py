@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from sm_model.config import ModelConfig
-from sm_model.decoder import ConvBlock, ResNetDecoder, ViTDecoder, build_decoder
+from sm_model.simplematch import SimpleMatchOptions
+from sm_model.simplematch.decoder import ConvBlock, ResNetDecoder, ViTDecoder, build_decoder
 
 RESNET_CHANNELS = (256, 512, 1024, 2048)
 
@@ -67,12 +68,12 @@ def test_official_vit_decoder_parameter_count() -> None:
 def test_vit_decoder_adds_a_1x1_conv_only_for_other_widths() -> None:
     vit_s = build_decoder(ModelConfig(backbone="dinov2_vits14"), backbone_channels=(384,))
     assert _count(vit_s) == 24_193_536 + 384 * 768 + 768
-    multiscale = build_decoder(ModelConfig(multiscale=True), backbone_channels=(768,))
+    multiscale = build_decoder(ModelConfig(options=SimpleMatchOptions(multiscale=True)), backbone_channels=(768,))
     assert _count(multiscale) == 24_193_536 + 2 * 590_592
 
 
 def test_official_resnet_decoder_parameter_count() -> None:
-    decoder = build_decoder(ModelConfig(backbone="resnet101", decoder_channels=512, multiscale=True), RESNET_CHANNELS)
+    decoder = build_decoder(ModelConfig(backbone="resnet101", options=SimpleMatchOptions(decoder_channels=512, multiscale=True)), RESNET_CHANNELS)
     assert isinstance(decoder, ResNetDecoder)
     assert _count(decoder) == 18_756_608
     assert _count(decoder.align) == 1_705_472
@@ -80,7 +81,7 @@ def test_official_resnet_decoder_parameter_count() -> None:
     blocks = (decoder.refine_coarse, decoder.refine_mid, decoder.refine_fine)
     assert sum(_count(block) for block in blocks) == 14_164_992
     assert sum(_count(head) for head in (decoder.heads.coarse, decoder.heads.mid, decoder.heads.fine)) == 787_968
-    single = build_decoder(ModelConfig(backbone="resnet101", decoder_channels=512), RESNET_CHANNELS)
+    single = build_decoder(ModelConfig(backbone="resnet101", options=SimpleMatchOptions(decoder_channels=512)), RESNET_CHANNELS)
     assert _count(single) == 18_756_608 - 2 * 262_656
 
 

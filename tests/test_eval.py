@@ -25,7 +25,7 @@ from pipelines.reader import pair_dataset
 from pipelines.shard import shard_dataset
 from pipelines.storage import Location
 from sm_eval.__main__ import main
-from sm_eval.checkpoints import read_checkpoint_file
+from sm_eval.checkpoints import resolve_model
 from sm_eval.evaluate import EvalRequest, evaluate
 from sm_eval.pck import FRAMES, KeypointRecords, records_in_frame, summarize
 from sm_eval.plan import canonical_order, read_split_plan
@@ -34,12 +34,13 @@ from sm_eval.runner import EvalSettings, worker_records
 from sm_model.checkpoint import save_checkpoint
 from sm_model.config import ModelConfig
 from sm_model.pixels import to_resized_square
-from sm_model.simplematch import SimpleMatch
+from sm_model.simplematch import SimpleMatchOptions
+from sm_model.simplematch.model import SimpleMatch
 from tests import ap10k_format as fmt
 from tests.conftest import REPO_ROOT
 from tests.report_tables import markdown_table
 
-TINY = ModelConfig(backbone="dinov2_vits14", image_size=28, decoder_channels=16, window_size=5)
+TINY = ModelConfig(backbone="dinov2_vits14", image_size=28, window_size=5, options=SimpleMatchOptions(decoder_channels=16))
 SETTINGS = EvalSettings(batch_size=8, loader_workers=0, threads=2)
 ALPHAS = (0.05, 0.1, 0.15)
 
@@ -210,7 +211,7 @@ def test_s3_shards_s3_checkpoint_directory_and_two_models(
     assert table.filter(models == "tiny")["pred_x"] != table.filter(models == "checkpoint_000001")["pred_x"]
     assert sorted(out.list_files("matches")) == sorted(report["files"]["matches"])
     assert {path.split("/")[1].split("-")[0] for path in report["files"]["matches"]} == {"tiny", "checkpoint_000001"}
-    assert read_checkpoint_file(run_dir, "x", s3_endpoint).config["image_size"] == TINY.image_size
+    assert resolve_model(run_dir, "x", s3_endpoint).config["image_size"] == TINY.image_size
 
 
 @pytest.fixture(scope="module")

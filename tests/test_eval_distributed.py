@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 
 from pipelines.storage import Location
-from sm_eval.checkpoints import RANDOM_WEIGHTS, OfficialSettings
+from sm_eval.checkpoints import OfficialSettings
 from sm_eval.evaluate import EvalRequest, evaluate
 from sm_eval.plan import read_split_plan
 from sm_eval.runner import EvalSettings
+from sm_model.factory import RANDOM_WEIGHTS
 from tests.conftest import REPO_ROOT
 from tests.test_eval import save_tiny
 

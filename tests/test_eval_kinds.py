@@ -75,7 +75,7 @@ def test_an_unknown_model_option_is_an_error_naming_it(
     assert main([*argv, "--set", "beta=-1"]) == 1
     assert "beta must be a finite number above 0, got -1" in capsys.readouterr().err
     assert main([*argv, "--set", "decoder_channels=32"]) == 1  # an architecture field: the weights would not fit
-    assert "saved from another architecture: decoder_channels" in capsys.readouterr().err
+    assert "saved from another architecture: simplematch.decoder_channels" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
     with pytest.raises(SystemExit) as usage:
         main([*argv, "--set", "beta"])

@@ -15,7 +15,7 @@ from sm_eval.pck import (
     summarize,
 )
 from sm_eval.predict import batch_records
-from sm_model.batches import PairMeta
+from sm_feed.batches import PairMeta
 from sm_model.pixels import from_resized_square, to_resized_square
 from tests.per_pair import PreparedPair, collate_pairs
 

@@ -18,19 +18,18 @@ from torch import nn
 
 from sm_model.checkpoint import checkpoint_bytes, load_checkpoint, load_model, save_checkpoint
 from sm_model.config import ModelConfig
-from sm_model.feature_matcher import FeatureMatcher
+from sm_model.feature_matcher.model import FeatureMatcher
 from sm_model.matcher import MatchModel
 from sm_model.registry import build_model, zero_shot_config
-from sm_model.simplematch import SimpleMatch
+from sm_model.simplematch import SimpleMatchOptions
+from sm_model.simplematch.model import SimpleMatch
 
 BASELINE = ModelConfig(
     kind="baseline", backbone="dinov2_vits14", image_size=28, finetune="last_blocks", finetune_blocks=2, final_norm=True
 )
 """ViT-S/14 (12 blocks) at 28 px: a 2x2 map at stride 14; blocks 10 and 11 train."""
 ZERO_SHOT = zero_shot_config("zero-shot:dinov2_vits14", weights=None, image_size=28)
-SIMPLEMATCH = ModelConfig(
-    backbone="dinov2_vits14", image_size=28, decoder_channels=8, window_size=3, coarse_window_sizes=(None, 3)
-)
+SIMPLEMATCH = ModelConfig(backbone="dinov2_vits14", image_size=28, window_size=3, options=SimpleMatchOptions(decoder_channels=8, coarse_window_sizes=(None, 3)))
 """SimpleMatch at 28 px: a 7x7 map at stride 4."""
 LAST_BLOCKS = ("backbone.encoder.blocks.10.", "backbone.encoder.blocks.11.")
 NORM_KEYS = {"backbone.encoder.norm.weight", "backbone.encoder.norm.bias"}

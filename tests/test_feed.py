@@ -1,4 +1,4 @@
-"""The data path from shards to batches (sm_model.batches): batches assembled from chunks that
+"""The data path from shards to batches (sm_feed.batches): batches assembled from chunks that
 loader processes ship are the batches of the per-pair path (prepare_pair + collate_pairs in this
 process), byte for byte, for any number of loader processes, for training (same seed, epoch and
 position), validation and evaluation; each image is resized once per piece and equals its per-pair
@@ -20,7 +20,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-import sm_model.batches
+import sm_feed.batches
+import sm_model.inputs
+import sm_model.pixels
 from pipelines import reader
 from pipelines.reader import CorruptShardError, ShardSlice, index_rows, pair_dataset, split_shards
 from pipelines.storage import Location
@@ -28,7 +30,7 @@ from sm_eval.evaluate import EvalRequest, evaluate
 from sm_eval.plan import read_split_plan
 from sm_eval.predict import eval_batches
 from sm_eval.runner import EvalSettings
-from sm_model.batches import (
+from sm_feed.batches import (
     PairBatch,
     assemble_batch,
     pair_refs,
@@ -38,7 +40,9 @@ from sm_model.batches import (
 )
 from sm_model.checkpoint import save_checkpoint
 from sm_model.config import ModelConfig
-from sm_model.simplematch import SimpleMatch
+from sm_model.inputs import InputSpec
+from sm_model.simplematch import SimpleMatchOptions
+from sm_model.simplematch.model import SimpleMatch
 from sm_train.data import pair_batches, plan_epoch
 from tests.per_pair import collate_pairs, prepare_pair
 
@@ -86,7 +90,7 @@ def test_training_batches_are_the_per_pair_batches_for_any_loader_count(demo_sha
     old = list(itertools.islice(per_pair_batches(pair_dataset(shards, plan.ranks[1], **common), 5), skip, plan.steps))
     new = list(
         pair_batches(
-            shards, plan.ranks[1], image_size=SIZE, batch_size=5, loader_workers=loader_workers,
+            shards, plan.ranks[1], spec=InputSpec(SIZE), batch_size=5, loader_workers=loader_workers,
             max_batches=plan.steps, skip_batches=skip, **common,
         )
     )  # fmt: skip
@@ -101,7 +105,7 @@ def test_validation_batches_follow_the_rank_split(demo_shards: Path, monkeypatch
         monkeypatch.setenv("WORLD_SIZE", "2")
         old = list(per_pair_batches(pair_dataset(shards, names), 4, "official"))
         new = list(
-            pair_batches(shards, names, image_size=SIZE, batch_size=4, image_resize="official", loader_workers=2)
+            pair_batches(shards, names, spec=InputSpec(SIZE, resize_method="official"), batch_size=4, loader_workers=2)
         )
         assert_same_batches(new, old)
 
@@ -114,7 +118,7 @@ def test_eval_batches_are_the_per_pair_batches_cut_at_shards(demo_shards: Path) 
     for loader_workers in (0, 2):
         new = list(
             eval_batches(
-                plan.shards, names, plan.shard_of, image_size=SIZE, batch_size=5, loader_workers=loader_workers
+                plan.shards, names, plan.shard_of, spec=InputSpec(SIZE), batch_size=5, loader_workers=loader_workers
             )
         )
         assert_same_batches(new, old)
@@ -127,10 +131,10 @@ def test_each_image_is_resized_once_per_piece(demo_shards: Path, monkeypatch: py
         resized.append(image.shape)
         return sm_model.pixels.resize_image(image, size, method)
 
-    monkeypatch.setattr(sm_model.batches, "resize_image", counting_resize)
+    monkeypatch.setattr(sm_model.inputs, "resize_image", counting_resize)
     shards = Location(str(demo_shards))
     names = list(split_shards(shards, "trn"))
-    refs = list(pair_refs(shards, names, image_size=SIZE))
+    refs = list(pair_refs(shards, names, spec=InputSpec(SIZE)))
     table = pq.read_table(demo_shards / "index.parquet").to_pandas().query("split == 'trn'")
     distinct = sum(len(set(group.src_image) | set(group.trg_image)) for _, group in table.groupby("shard"))
     assert len(resized) == distinct < 2 * len(refs)
@@ -171,15 +175,15 @@ def test_small_pieces_and_many_processes_give_the_same_batches(
     shards = Location(str(demo_shards))
     plan = plan_epoch(split_shards(shards, "trn"), 1, 8, seed=0, epoch=0)
     common = {
-        "image_size": SIZE,
+        "spec": InputSpec(SIZE),
         "batch_size": 8,
         "shuffle_buffer": 32,
         "split_nodes": False,
         "max_batches": plan.steps,
     }
     old = list(pair_batches(shards, plan.ranks[0], **common))
-    monkeypatch.setattr(sm_model.batches, "PIECE_BYTES", 3 * 3 * SIZE * SIZE)  # pieces of three images
-    monkeypatch.setattr(sm_model.batches, "CHUNK_PAIRS", 3)
+    monkeypatch.setattr(sm_feed.batches, "PIECE_BYTES", 3 * 3 * SIZE * SIZE)  # pieces of three images
+    monkeypatch.setattr(sm_feed.batches, "CHUNK_PAIRS", 3)
     index = index_rows(Location(str(demo_shards)), {s.name: shards.full(s.name) for s in plan.ranks[0]})
     assert len(plan_pieces(shards, plan.ranks[0], index, 3, SIZE)) > 2 * len(plan.ranks[0])
     new = list(pair_batches(shards, plan.ranks[0], loader_workers=3, **common))
@@ -212,7 +216,7 @@ def test_a_slice_checks_the_pairs_it_takes_and_that_the_index_lists_every_pair(
 
 def test_to_device_on_the_cpu_passes_batches_through(demo_shards: Path) -> None:
     shards = Location(str(demo_shards))
-    batches = list(pair_batches(shards, list(split_shards(shards, "val")), image_size=SIZE, batch_size=4))
+    batches = list(pair_batches(shards, list(split_shards(shards, "val")), spec=InputSpec(SIZE), batch_size=4))
     assert not pins_memory("cpu") and not pins_memory(None)
     assert_same_batches(list(to_device(iter(batches), "cpu")), batches)
     assert all(a is b for a, b in zip(to_device(iter(batches), None), batches))
@@ -222,7 +226,7 @@ def test_report_times_the_first_batch_apart_from_the_steady_rate(demo_shards: Pa
     torch.manual_seed(0)
     checkpoint = tmp_path / "tiny.pt"
     save_checkpoint(
-        SimpleMatch(ModelConfig(backbone="dinov2_vits14", image_size=SIZE, decoder_channels=16, window_size=5)),
+        SimpleMatch(ModelConfig(backbone="dinov2_vits14", image_size=SIZE, window_size=5, options=SimpleMatchOptions(decoder_channels=16))),
         checkpoint,
     )
     settings = EvalSettings(batch_size=4, loader_workers=1, threads=2)

@@ -1,5 +1,6 @@
 """The layout's rules, read from the code: packages import only downward
-(``pipelines`` -> ``sm_model`` -> ``sm_eval`` -> ``sm_train``), and loading a training config
+(``sm_model`` -> ``pipelines`` -> ``sm_feed`` -> ``sm_eval`` -> ``sm_train``: the model package
+imports no data pipeline, the feed joins the two), and loading a training config
 pays for none of the model stack."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from tests.conftest import REPO_ROOT
 
-LAYERS = ("pipelines", "sm_model", "sm_eval", "sm_train")
+LAYERS = ("sm_model", "pipelines", "sm_feed", "sm_eval", "sm_train")
 """Lowest first: a package may import itself and the packages before it, never one after it."""
 
 

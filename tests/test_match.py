@@ -37,8 +37,8 @@ from sm_eval.match import (
 from sm_model.checkpoint import save_checkpoint
 from sm_model.config import ModelConfig
 from sm_model.matcher import MatchModel
-from sm_model.pixels import normalize_images, resize_image
 from sm_model.registry import build_model
+from sm_model.simplematch import SimpleMatchOptions
 
 SIZE = (320, 256)
 """(W, H) of the test image: within the picture's height range, so matches.png keeps it unscaled."""
@@ -58,9 +58,7 @@ def files(tmp_path_factory: pytest.TempPathFactory, image: np.ndarray) -> dict[s
     root = tmp_path_factory.mktemp("match")
     Image.fromarray(image).save(root / "cat.png")
     Image.fromarray(data.astronaut()).resize((200, 150)).save(root / "person.jpg", quality=90)
-    config = ModelConfig(
-        backbone="resnet18", image_size=64, decoder_channels=32, finetune="frozen", window_size=5, decoder_dropout=0.0
-    )
+    config = ModelConfig(backbone="resnet18", image_size=64, finetune="frozen", window_size=5, options=SimpleMatchOptions(decoder_channels=32, decoder_dropout=0.0))
     torch.manual_seed(0)
     save_checkpoint(build_model(config), root / "tiny.pt")
     return {"cat": root / "cat.png", "person": root / "person.jpg", "checkpoint": root / "tiny.pt"}
@@ -74,8 +72,8 @@ def zero_shot() -> MatchModel:
 
 def _finest_map(model: MatchModel, image: np.ndarray) -> tuple[float, int]:
     """(stride in input pixels, side in cells) of ``model``'s finest feature map."""
-    size = model.config.image_size
-    x = normalize_images(resize_image(image, size, model.config.image_resize)[None].float() / 255)
+    size = model.input_spec.size
+    x = model.prepare(image)[None]
     with torch.no_grad():
         finest = model.eval()(x, x, torch.zeros(1, 1, 2), torch.ones(1, 1, dtype=torch.bool))[-1]
     assert finest.scores.shape[-1] == finest.scores.shape[-2] == round(size / finest.stride)

@@ -21,10 +21,9 @@ import yaml
 from torch import Tensor, nn
 
 from sm_eval.__main__ import main
-from sm_eval.checkpoints import official_model_config, read_checkpoint_file
+from sm_eval.checkpoints import official_model_config, resolve_model
 from sm_model.checkpoint import load_model, save_checkpoint
 from sm_model.config import ModelConfig, from_dict
-from sm_model.decoder import ScaleFeatures
 from sm_model.localizers import Localization, localize
 from sm_model.matching import cosine_similarity, match_keypoints, sample_keypoint_features
 from sm_model.official import official_layout, official_model
@@ -37,7 +36,9 @@ from sm_model.pixels import (
     resize_like_opencv,
     to_resized_square,
 )
-from sm_model.simplematch import SimpleMatch
+from sm_model.simplematch import SimpleMatchOptions
+from sm_model.simplematch.decoder import ScaleFeatures
+from sm_model.simplematch.model import SimpleMatch
 from tests.conftest import REPO_ROOT
 from tests.test_simplematch import OFFICIAL_DECODER_NAMES
 from tests.test_simplematch import _perturb as perturb
@@ -96,9 +97,7 @@ def _lora_checkpoint(tmp_path: Path, image_size: int = 56) -> tuple[SimpleMatch,
     released-layout file; returns the source model (center convention), the file and the
     backbone weights file."""
     weights = weights_file("dinov2_vits14", tmp_path / "dinov2_vits14_pretrain.pth")
-    config = ModelConfig(
-        backbone="dinov2_vits14", weights=weights, image_size=image_size, decoder_channels=384, window_size=5
-    )
+    config = ModelConfig(backbone="dinov2_vits14", weights=weights, image_size=image_size, window_size=5, options=SimpleMatchOptions(decoder_channels=384))
     source = _perturb(SimpleMatch(config))
     lora = {key for key in source.backbone.encoder.state_dict() if key.endswith(("lora_A", "lora_B"))}
     state = released_state(source, VIT_NAMES, lora)
@@ -123,7 +122,7 @@ def test_released_dinov2_lora_layout(tmp_path: Path) -> None:
     model = official_model(path, ModelConfig(backbone="dinov2_vits14", image_size=56, window_size=5), weights)
     config = model.config
     assert (config.pixel_convention, config.image_resize, config.finetune) == ("official", "official", "lora")
-    assert (config.decoder_channels, config.finetune_blocks, config.lora_rank, config.weights) == (384, 6, 16, weights)
+    assert (config.options.decoder_channels, config.finetune_blocks, config.lora_rank, config.weights) == (384, 6, 16, weights)
     for key, value in source.state_dict().items():
         assert torch.equal(model.state_dict()[key], value), key
     del state["proj.bias"]
@@ -152,7 +151,7 @@ def test_released_ibot_full_layout_with_the_shipped_config(tmp_path: Path) -> No
 
 def test_released_resnet101_layout_all_684_keys(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     shipped = official_model_config(str(REPO_ROOT / "configs/resnet101_256_spair.yaml"))
-    assert shipped.multiscale and shipped.window_size == 30 and shipped.coarse_window_sizes == (None, 15)
+    assert shipped.options.multiscale and shipped.window_size == 30 and shipped.options.coarse_window_sizes == (None, 15)
     source = _perturb(SimpleMatch(dataclasses.replace(shipped, weights=None, image_size=64)))
     state = released_state(source, RESNET_NAMES, set(source.backbone.encoder.state_dict()), RESNET_PREFIX)
     state[f"{RESNET_PREFIX}fc.weight"], state[f"{RESNET_PREFIX}fc.bias"] = torch.randn(1000, 2048), torch.randn(1000)
@@ -161,7 +160,7 @@ def test_released_resnet101_layout_all_684_keys(tmp_path: Path, caplog: pytest.L
     with caplog.at_level("INFO", logger="sm_model.official"):
         model = official_model(tmp_path / "best_model.pth", dataclasses.replace(shipped, image_size=64))
     assert "fc.weight" in caplog.text  # saved by the released model, never used
-    assert model.config.pixel_convention == "official" and model.config.decoder_channels == 512
+    assert model.config.pixel_convention == "official" and model.config.options.decoder_channels == 512
     for key, value in source.state_dict().items():
         assert torch.equal(model.state_dict()[key], value), key
     src, trg = _images(1, 64)
@@ -240,7 +239,7 @@ class _Features(nn.Module):
 
 
 def _constructed_model(convention: str, src_map: Tensor, trg_map: Tensor) -> SimpleMatch:
-    config = ModelConfig(backbone="dinov2_vits14", image_size=28, decoder_channels=8, window_size=5)
+    config = ModelConfig(backbone="resnet18", image_size=32, finetune="full", window_size=5, options=SimpleMatchOptions(decoder_channels=8))
     with torch.device("meta"):
         model = SimpleMatch(dataclasses.replace(config, pixel_convention=convention))
     model.backbone = model.decoder = _Features(src_map, trg_map)
@@ -319,7 +318,7 @@ def test_released_model_predicts_what_the_official_code_predicts(tmp_path: Path,
         model = official_model(path, ModelConfig(backbone="dinov2_vits14", image_size=56, window_size=5), weights)
         size = 56
     else:
-        config = ModelConfig(backbone="resnet101", image_size=64, decoder_channels=512, multiscale=True, window_size=5)
+        config = ModelConfig(backbone="resnet101", image_size=64, window_size=5, options=SimpleMatchOptions(decoder_channels=512, multiscale=True))
         source = _perturb(SimpleMatch(dataclasses.replace(config, finetune="full")))
         state = released_state(source, RESNET_NAMES, set(source.backbone.encoder.state_dict()), RESNET_PREFIX)
         model, size = official_model(state, config), 64
@@ -428,12 +427,12 @@ def test_checkpoints_record_the_convention_and_old_configs_load(tmp_path: Path) 
 
 def test_sm_eval_evaluates_a_released_checkpoint(demo_shards: Path, tmp_path: Path) -> None:
     """A released-layout file plus its config and backbone weights: converted once in the driver
-    into a simplematch-v1 checkpoint of the official model (what the Ray workers receive), then
+    into a full checkpoint of the official model (what the Ray workers receive), then
     evaluated end to end on the demo shards."""
     _, path, weights = _lora_checkpoint(tmp_path, image_size=28)
     model_section = {"backbone": "dinov2_vits14", "weights": "hub", "image_size": 28, "window_size": 5}
     (tmp_path / "released.yaml").write_text(yaml.safe_dump({"model": model_section}))
-    file = read_checkpoint_file(
+    file = resolve_model(
         str(path), "released", official_config=official_model_config(str(tmp_path / "released.yaml")),
         backbone_weights=weights,
     )  # fmt: skip

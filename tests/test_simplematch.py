@@ -15,15 +15,14 @@ from torch import nn
 
 from sm_model.backbones import BACKBONES, create_encoder
 from sm_model.checkpoint import load_checkpoint, load_model, save_checkpoint
-from sm_model.config import ModelConfig
+from sm_model.config import ModelConfig, to_dict
 from sm_model.loss import keypoint_loss
 from sm_model.matching import Matches
 from sm_model.official import load_official_checkpoint
-from sm_model.simplematch import SimpleMatch
+from sm_model.simplematch import SimpleMatchOptions
+from sm_model.simplematch.model import SimpleMatch
 
-TINY = ModelConfig(
-    backbone="dinov2_vits14", image_size=56, decoder_channels=16, window_size=5, coarse_window_sizes=(None, 3)
-)
+TINY = ModelConfig(backbone="dinov2_vits14", image_size=56, window_size=5, options=SimpleMatchOptions(decoder_channels=16, coarse_window_sizes=(None, 3)))
 """ViT-S/14 with LoRA on blocks 6-11 at 56 px: 4x4 tokens, a 14x14 map at 1/4."""
 
 
@@ -111,7 +110,7 @@ def test_official_dinov2_config_at_252() -> None:
 
 
 def test_multiscale_vit_predicts_coarse_to_fine_and_weighs_each_scale() -> None:
-    model = SimpleMatch(dataclasses.replace(TINY, multiscale=True, scale_weights=(0.5, 2.0, 3.0)))
+    model = SimpleMatch(dataclasses.replace(TINY, options=dataclasses.replace(TINY.options, multiscale=True, scale_weights=(0.5, 2.0, 3.0))))
     assert model.window_sizes == (None, 3, 5)
     src, trg = _images(2, 56)
     keypoints, target = _keypoints(2, 3, 56), _keypoints(2, 3, 56, seed=2)
@@ -125,7 +124,7 @@ def test_multiscale_vit_predicts_coarse_to_fine_and_weighs_each_scale() -> None:
 
 
 def test_single_scale_loss_uses_the_last_weight() -> None:
-    model = SimpleMatch(dataclasses.replace(TINY, scale_weights=(5.0, 3.0, 2.0)))
+    model = SimpleMatch(dataclasses.replace(TINY, options=dataclasses.replace(TINY.options, scale_weights=(5.0, 3.0, 2.0))))
     src, trg = _images(2, 56)
     keypoints, target, valid = _keypoints(2, 3, 56), _keypoints(2, 3, 56, seed=2), torch.ones(2, 3, dtype=torch.bool)
     outputs = model(src, trg, keypoints, valid)
@@ -134,9 +133,7 @@ def test_single_scale_loss_uses_the_last_weight() -> None:
 
 
 def test_multiscale_resnet() -> None:
-    config = ModelConfig(
-        backbone="resnet101", image_size=64, finetune="full", decoder_channels=16, window_size=5, multiscale=True
-    )
+    config = ModelConfig(backbone="resnet101", image_size=64, finetune="full", window_size=5, options=SimpleMatchOptions(decoder_channels=16, multiscale=True))
     predictions = _run(SimpleMatch(config), 64)
     assert [p.shape for p in predictions] == [(2, 3, 2)] * 3
     assert all(torch.isfinite(p).all() for p in predictions)
@@ -167,14 +164,14 @@ def test_predict_maps_original_pixels_through_the_input_and_back(monkeypatch: py
     model = SimpleMatch(TINY).train()
     seen: dict[str, object] = {}
 
-    def fake_forward(src, trg, src_kps, valid):
+    def fake_match(encoded, src_kps, valid):
         seen.update(kps=src_kps.clone(), training=model.training, grad=torch.is_grad_enabled())
         finest = torch.tensor([[[4.75, 6.5], [-0.5, 55.5]]])  # input pixels
         scores = torch.arange(2 * 14 * 14, dtype=torch.float32).view(1, 2, 14, 14) / 1000
         coarse = Matches(torch.full_like(finest, float("nan")), torch.full_like(scores, float("nan")), 16)
         return [coarse, Matches(finest, scores, 4)]  # coarse first: predict must take the last
 
-    monkeypatch.setattr(model, "forward", fake_forward)
+    monkeypatch.setattr(model, "match", fake_match)
     src, trg = _images(1, 56)
     src_kps = torch.tensor([[[10.0, 3.0], [0.0, 0.0]]])
     src_sizes, trg_sizes = torch.tensor([[112, 28]]), torch.tensor([[28, 112]])
@@ -216,7 +213,7 @@ def test_trainable_only_checkpoint_round_trip(tmp_path: Path, tiny_weights: str)
     source = _perturb(SimpleMatch(config), trainable_only=True)
     save_checkpoint(source, tmp_path / "lora.pt", trainable_only=True)
     saved = torch.load(tmp_path / "lora.pt", weights_only=True)
-    assert saved["format"] == "simplematch-v1" and saved["config"] == dataclasses.asdict(config)
+    assert saved["format"] == "simplematch-v2" and saved["config"] == to_dict(config)
     lora = {key for key in source.state_dict() if key.endswith(("lora_A", "lora_B"))}
     decoder = {key for key in source.state_dict() if key.startswith("decoder.")}  # BatchNorm statistics included
     assert len(lora) == 12 and any(key.endswith("running_var") for key in decoder)
@@ -240,13 +237,13 @@ def test_checkpoint_errors_name_keys_and_fields(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=expected):
         load_checkpoint(model, tmp_path / "edited.pt")
     with pytest.raises(ValueError, match="decoder_channels: checkpoint 16, model 8"):
-        load_checkpoint(SimpleMatch(dataclasses.replace(TINY, decoder_channels=8)), tmp_path / "full.pt")
+        load_checkpoint(SimpleMatch(dataclasses.replace(TINY, options=SimpleMatchOptions(decoder_channels=8))), tmp_path / "full.pt")
     save_checkpoint(model, tmp_path / "lora.pt", trainable_only=True)
     frozen = SimpleMatch(dataclasses.replace(TINY, finetune="frozen"))
     with pytest.raises(ValueError, match="finetune: checkpoint 'lora', model 'frozen'"):
         load_checkpoint(frozen, tmp_path / "lora.pt")
     torch.save(model.state_dict(), tmp_path / "bare.pt")
-    with pytest.raises(ValueError, match="not a simplematch-v1 checkpoint"):
+    with pytest.raises(ValueError, match="not a simplematch-v2 checkpoint"):
         load_checkpoint(model, tmp_path / "bare.pt")
     with pytest.raises(FileNotFoundError, match="nowhere.pt"):
         load_checkpoint(model, tmp_path / "nowhere.pt")

@@ -14,7 +14,9 @@ import torch
 from pipelines.storage import Location, arrow_filesystem
 from sm_eval.pck import FRAMES
 from sm_model.config import ModelConfig, from_dict
-from sm_model.simplematch import SimpleMatch
+from sm_model.inputs import InputSpec
+from sm_model.simplematch import SimpleMatchOptions
+from sm_model.simplematch.model import SimpleMatch
 from sm_train.config import (
     ConfigError,
     TrainConfig,
@@ -77,13 +79,13 @@ def test_val_frame_picks_the_frame_of_validation_pck(demo_shards: Path) -> None:
     from sm_train.loop import validation_metrics
 
     torch.manual_seed(0)
-    tiny = ModelConfig(backbone="dinov2_vits14", image_size=28, decoder_channels=16, window_size=5)
+    tiny = ModelConfig(backbone="dinov2_vits14", image_size=28, window_size=5, options=SimpleMatchOptions(decoder_channels=16))
     model = SimpleMatch(tiny).eval()
     shards = Location(str(demo_shards))
     names = [name for name, count in split_shards(shards, "val").items() if count]
     device = torch.device("cpu")
     records = predict_records(
-        model, pair_batches(shards, names, image_size=28, batch_size=16, loader_workers=0), device
+        model, pair_batches(shards, names, spec=InputSpec(28), batch_size=16, loader_workers=0), device
     )
     alphas = (0.05, 0.1, 0.15)
     seen = []
@@ -118,7 +120,7 @@ def test_bad_values_are_rejected_with_the_key(tmp_path: Path) -> None:
         ("train:\n  batch_size: eight\n", r"train\.batch_size must be an integer"),
         ("train:\n  precision: fp8\n", r"train\.precision='fp8' is not one of"),
         ("optim:\n  lr: fast\n", r"optim\.lr must be a number"),
-        ("model:\n  scale_weights: [1, 1]\n", r"model\.scale_weights must have 3 items"),
+        ("model:\n  scale_weights: [1, 1]\n", r"model\.simplematch\.scale_weights must have 3 items"),
         ("augment:\n  crop_p: 1.5\n", r"augment: crop_p must be a probability"),
         ("- just\n- a list\n", r"expected a mapping of sections"),
     ]:
@@ -197,8 +199,8 @@ OUT_OF_RANGE = [
     "optim.lr_milestones=[0, 2]",
     "model.image_size=-128",
     "model.beta=.nan",
-    "model.decoder_dropout=1",
-    "model.coarse_window_sizes=[null, 0]",
+    "model.simplematch.decoder_dropout=1",
+    "model.simplematch.coarse_window_sizes=[null, 0]",
     "run.num_workers=-2",
     "run.cpus_per_worker=0",
     "run.keep_checkpoints=0",

@@ -12,7 +12,7 @@ import torch
 
 from pipelines.reader import ShardSlice, pair_dataset, split_shards
 from pipelines.storage import Location
-from sm_model.pixels import normalize_images
+from sm_model.inputs import InputSpec
 from sm_train.data import pair_batches, plan_epoch
 from tests.per_pair import collate_pairs, prepare_pair
 
@@ -67,17 +67,17 @@ def test_batches_of_a_rank_are_full_and_bounded(demo_shards: Path) -> None:
     shards = Location(str(demo_shards))
     plan = plan_epoch(split_shards(shards, "trn"), 2, 6, seed=0, epoch=0)
     batches = list(
-        pair_batches(shards, plan.ranks[1], image_size=28, batch_size=6, split_nodes=False, max_batches=plan.steps)
+        pair_batches(shards, plan.ranks[1], spec=InputSpec(28), batch_size=6, split_nodes=False, max_batches=plan.steps)
     )
     assert len(batches) == plan.steps and all(len(b) == 6 for b in batches)
     resumed = list(
         pair_batches(
-            shards, plan.ranks[1], image_size=28, batch_size=6, split_nodes=False, max_batches=plan.steps, skip_batches=3
+            shards, plan.ranks[1], spec=InputSpec(28), batch_size=6, split_nodes=False, max_batches=plan.steps, skip_batches=3
         )
     )
     assert [m.key for b in resumed for m in b.meta] == [m.key for b in batches[3:] for m in b.meta]
     with pytest.raises(RuntimeError, match="the plan needs"):
-        list(pair_batches(shards, plan.ranks[1], image_size=28, batch_size=6, split_nodes=False, max_batches=plan.steps + 1))
+        list(pair_batches(shards, plan.ranks[1], spec=InputSpec(28), batch_size=6, split_nodes=False, max_batches=plan.steps + 1))
 
 
 def test_collate_pads_keypoints_and_keeps_originals(demo_shards: Path) -> None:
@@ -97,8 +97,8 @@ def test_collate_pads_keypoints_and_keeps_originals(demo_shards: Path) -> None:
         assert tuple(batch.trg_size[row].tolist()) == sample.trg_size
 
 
-def test_normalize_images() -> None:
+def test_input_spec_normalizes_with_imagenet_statistics() -> None:
     gray = torch.full((1, 3, 2, 2), 0.5)
-    out = normalize_images(gray)
+    out = InputSpec(2).normalize(gray)
     expected = (0.5 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225])
     torch.testing.assert_close(out[0, :, 0, 0], expected)

@@ -14,6 +14,7 @@ import torch
 from sm_model.checkpoint import load_model, save_checkpoint
 from sm_model.config import ModelConfig, from_dict
 from sm_model.registry import build_model
+from sm_model.simplematch import SimpleMatchOptions
 from sm_train.config import ConfigError, OptimConfig, TrainConfig, load_config
 from sm_train.loop import STATE_FILE, Position, build_optimizer, build_scheduler, learning_rates, restore
 
@@ -22,7 +23,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 BASELINE = ModelConfig(
     kind="baseline", backbone="dinov2_vits14", image_size=28, finetune="last_blocks", finetune_blocks=2, final_norm=True
 )
-SIMPLEMATCH = ModelConfig(backbone="dinov2_vits14", image_size=28, decoder_channels=16, window_size=5)
+SIMPLEMATCH = ModelConfig(backbone="dinov2_vits14", image_size=28, window_size=5, options=SimpleMatchOptions(decoder_channels=16))
 EPOCHS = OptimConfig(
     optimizer="adamw", lr=1e-3, backbone_lr=1e-4, lr_schedule="epochs", lr_milestones=(1, 2), lr_gamma=0.5
 )

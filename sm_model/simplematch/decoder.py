@@ -176,5 +176,5 @@ def build_decoder(cfg: ModelConfig, backbone_channels: tuple[int, ...]) -> ViTDe
     """The decoder for a backbone with ``backbone_channels`` (finest first): one level is a ViT,
     four levels a ResNet."""
     if len(backbone_channels) == 1:
-        return ViTDecoder(backbone_channels[0], cfg.decoder_channels, cfg.decoder_dropout, cfg.multiscale)
-    return ResNetDecoder(backbone_channels, cfg.decoder_channels, cfg.multiscale)
+        return ViTDecoder(backbone_channels[0], cfg.options.decoder_channels, cfg.options.decoder_dropout, cfg.options.multiscale)
+    return ResNetDecoder(backbone_channels, cfg.options.decoder_channels, cfg.options.multiscale)

@@ -25,17 +25,18 @@ from torch import Tensor
 
 from sm_model.backbones import build_backbone
 from sm_model.config import ModelConfig
-from sm_model.decoder import ScaleFeatures, build_decoder
 from sm_model.loss import multiscale_loss
-from sm_model.matcher import MatchModel, checked_keypoints
+from sm_model.matcher import Encoded, MatchModel, ScaleMaps, check_images, checked_keypoints
 from sm_model.matching import Matches, match_keypoints
+from sm_model.simplematch.decoder import build_decoder
 
 
 class SimpleMatch(MatchModel):
-    """The SimpleMatch model (kind ``simplematch``), built from a :class:`ModelConfig`.
+    """The SimpleMatch model (kind ``simplematch``), built from a :class:`ModelConfig` with
+    :class:`~sm_model.simplematch.config.SimpleMatchOptions`.
 
     ``backbone`` (:func:`sm_model.backbones.build_backbone`, fine-tuning mode applied),
-    ``decoder`` (:func:`sm_model.decoder.build_decoder`), then per decoder scale: source
+    ``decoder`` (:func:`sm_model.simplematch.decoder.build_decoder`), then per decoder scale: source
     keypoint features -> cosine similarity with the whole target map -> the config's localizer
     (window soft-argmax unless told otherwise; :meth:`MatchModel.localization`).
     """
@@ -48,45 +49,46 @@ class SimpleMatch(MatchModel):
     @property
     def window_sizes(self) -> tuple[int | None, ...]:
         """Soft-argmax window (cells) of each predicted scale, coarse to fine; ``None`` is dense.
-        Multi-scale: ``config.coarse_window_sizes`` for the two coarse maps (1/16 and 1/8 for
+        Multi-scale: ``config.options.coarse_window_sizes`` for the two coarse maps (1/16 and 1/8 for
         ResNet; the token map and the first upsampled map, 1/14 and 1/7, for DINOv2), then
         ``config.window_size`` at 1/4."""
-        if self.config.multiscale:
-            return (*self.config.coarse_window_sizes, self.config.window_size)
+        if self.config.options.multiscale:
+            return (*self.config.options.coarse_window_sizes, self.config.window_size)
         return (self.config.window_size,)
 
     @property
     def scale_weights(self) -> tuple[float, ...]:
         """Loss weight of each predicted scale, coarse to fine. Single-scale uses the last (1/4)
-        weight of ``config.scale_weights`` only."""
-        if self.config.multiscale:
-            return tuple(self.config.scale_weights)
-        return (self.config.scale_weights[-1],)
+        weight of ``config.options.scale_weights`` only."""
+        if self.config.options.multiscale:
+            return tuple(self.config.options.scale_weights)
+        return (self.config.options.scale_weights[-1],)
 
-    def forward(self, src: Tensor, trg: Tensor, src_kps: Tensor, valid: Tensor) -> list[Matches]:
-        """Predict where each source keypoint lies in the target.
-
-        ``src``, ``trg``: ``[B, 3, S, S]`` ImageNet-normalised (any S the backbone accepts: strides
-        come from the actual maps, not ``config.image_size``); ``src_kps``: ``[B, N, 2]`` input
-        pixels; ``valid``: ``[B, N]`` bool. Returns one :class:`~sm_model.matching.Matches` per
-        scale, coarse to fine (only the 1/4 one unless ``config.multiscale``): ``points``
-        ``[B, N, 2]`` float32 (under autocast too) in input pixels, and the score maps.
-
-        Invalid keypoints are read at pixel ``(0, 0)``, so their predictions are finite (and
-        meaningless); ``valid`` is for the loss to mask them.
-        """
-        src_kps = checked_keypoints(src, trg, src_kps, valid)
+    def encode(self, src: Tensor, trg: Tensor) -> Encoded:
+        """The decoder's maps of both images, per scale, coarse to fine (only the 1/4 one unless
+        ``config.options.multiscale``). ``src``, ``trg``: ``[B, 3, S, S]`` ImageNet-normalised (any
+        S the backbone accepts: strides come from the actual maps, not ``config.image_size``).
+        Source and target go through the backbone and the decoder as one batch of ``2B``."""
+        check_images(src, trg)
         features = self.backbone(torch.cat([src, trg]))
         scales = self.decoder(features, src.shape[-1])
-        return [
-            self._match(scale, window, src_kps) for scale, window in zip(scales, self.window_sizes, strict=True)
-        ]
+        return Encoded(tuple(ScaleMaps(*scale.features.chunk(2), scale.stride) for scale in scales), src.shape[-1])
 
-    def _match(self, scale: ScaleFeatures, window: int | None, src_kps: Tensor) -> Matches:
-        """Sparse matching and localization on one scale: ``src_kps`` ``[B, N, 2]`` input pixels."""
-        src_map, trg_map = scale.features.chunk(2)
+    def match(self, encoded: Encoded, src_kps: Tensor, valid: Tensor) -> list[Matches]:
+        """Where each source keypoint lies in the target: per scale of ``encoded``, source keypoint
+        features, cosine similarity with the whole target map, the config's localizer.
+
+        ``src_kps``: ``[B, N, 2]`` input pixels; ``valid``: ``[B, N]`` bool. Returns one
+        :class:`~sm_model.matching.Matches` per scale, coarse to fine: ``points`` ``[B, N, 2]``
+        float32 (under autocast too) in input pixels, and the score maps. Invalid keypoints are
+        read at pixel ``(0, 0)``, so their predictions are finite (and meaningless); ``valid`` is
+        for the loss to mask them."""
+        src_kps = checked_keypoints(src_kps, valid, encoded.batch_size)
         sampling, convention = self.config.keypoint_sampling, self.config.pixel_convention
-        return match_keypoints(src_map, trg_map, src_kps, scale.stride, self.localization(window), sampling, convention)
+        return [
+            match_keypoints(scale.src, scale.trg, src_kps, scale.stride, self.localization(window), sampling, convention)
+            for scale, window in zip(encoded.scales, self.window_sizes, strict=True)
+        ]
 
     def loss(self, outputs: list[Matches], target: Tensor, valid: Tensor) -> Tensor:
         """Weighted sum over scales of the mean Euclidean distance in input pixels over valid

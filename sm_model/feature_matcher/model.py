@@ -24,7 +24,7 @@ from torch import Tensor
 from sm_model.backbones import build_backbone
 from sm_model.config import ModelConfig
 from sm_model.loss import gaussian_cross_entropy
-from sm_model.matcher import MatchModel, checked_keypoints
+from sm_model.matcher import Encoded, MatchModel, ScaleMaps, check_images, checked_keypoints
 from sm_model.matching import Matches, match_keypoints
 from sm_model.pixels import pixels_to_cells
 
@@ -39,24 +39,29 @@ class FeatureMatcher(MatchModel):
         super().__init__(config)
         self.backbone = build_backbone(config)
 
-    def forward(self, src: Tensor, trg: Tensor, src_kps: Tensor, valid: Tensor) -> list[Matches]:
-        """``src``, ``trg``: ``[B, 3, S, S]`` ImageNet-normalised; ``src_kps``: ``[B, N, 2]`` input
-        pixels; ``valid``: ``[B, N]`` bool (invalid keypoints are read at pixel ``(0, 0)``).
-        Returns ``[Matches]``: points ``[B, N, 2]`` in input pixels and scores ``[B, N, h, w]``."""
-        src_kps = checked_keypoints(src, trg, src_kps, valid)
+    def encode(self, src: Tensor, trg: Tensor) -> Encoded:
+        """The backbone's last feature map of both images (one scale). ``src``, ``trg``:
+        ``[B, 3, S, S]`` ImageNet-normalised, run as one batch of ``2B``."""
+        check_images(src, trg)
         features = self.backbone(torch.cat([src, trg]))[-1]  # [2B, C, h, w]
-        stride = src.shape[-1] / features.shape[-1]
-        src_map, trg_map = features.chunk(2)
+        return Encoded((ScaleMaps(*features.chunk(2), src.shape[-1] / features.shape[-1]),), src.shape[-1])
+
+    def match(self, encoded: Encoded, src_kps: Tensor, valid: Tensor) -> list[Matches]:
+        """``src_kps``: ``[B, N, 2]`` input pixels; ``valid``: ``[B, N]`` bool (invalid keypoints
+        are read at pixel ``(0, 0)``). Returns ``[Matches]``: points ``[B, N, 2]`` in input pixels
+        and scores ``[B, N, h, w]``."""
+        src_kps = checked_keypoints(src_kps, valid, encoded.batch_size)
+        (scale,) = encoded.scales
         sampling, convention = self.config.keypoint_sampling, self.config.pixel_convention
-        window = self.config.window_size
-        return [match_keypoints(src_map, trg_map, src_kps, stride, self.localization(window), sampling, convention)]
+        localization = self.localization(self.config.window_size)
+        return [match_keypoints(scale.src, scale.trg, src_kps, scale.stride, localization, sampling, convention)]
 
     def loss(self, outputs: list[Matches], target: Tensor, valid: Tensor) -> Tensor:
-        """The Gaussian-smoothed cross-entropy of the score maps at ``config.loss_temperature``
-        against ``target`` ``[B, N, 2]`` (input pixels) in a ``config.target_window`` square;
+        """The Gaussian-smoothed cross-entropy of the score maps at ``config.options.loss_temperature``
+        against ``target`` ``[B, N, 2]`` (input pixels) in a ``config.options.target_window`` square;
         ``valid``: ``[B, N]`` bool."""
         if self.config.kind == "zero-shot":
             raise RuntimeError("a zero-shot model has no loss: nothing in it trains (use kind 'baseline' to fine-tune)")
         (matches,) = outputs
         cells = pixels_to_cells(target, matches.stride, self.config.pixel_convention)
-        return gaussian_cross_entropy(matches.scores, cells, valid, self.config.loss_temperature, self.config.target_window)
+        return gaussian_cross_entropy(matches.scores, cells, valid, self.config.options.loss_temperature, self.config.options.target_window)

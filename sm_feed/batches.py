@@ -2,8 +2,9 @@
 (:func:`sm_train.data.pair_batches`) and evaluation (:func:`sm_eval.predict.eval_batches`) both
 read their pairs through here.
 
-A batch holds its images resized to the square network input (:func:`sm_model.pixels.resize_image`,
-the model's ``image_resize``) and keypoints and boxes in *original* pixels (:mod:`sm_model.pixels`),
+A batch holds its images resized to the square network input by the model's input spec
+(:meth:`sm_model.inputs.InputSpec.resize`; the device turns them into the network's input with
+:meth:`~sm_model.inputs.InputSpec.to_network`) and keypoints and boxes in *original* pixels (:mod:`sm_model.pixels`),
 padded with a validity mask (:class:`PairBatch`). The data path:
 
 1. The caller's entries (whole shards, or :class:`~pipelines.reader.ShardSlice` runs of their
@@ -35,9 +36,8 @@ from __future__ import annotations
 import itertools
 import multiprocessing
 from collections import defaultdict, deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
-from functools import partial
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -47,8 +47,7 @@ from torch import Tensor
 from pipelines.reader import ShardSlice, entry_name, entry_urls, index_rows, read_entry
 from pipelines.schema import ExtraValue, PairSample, ThresholdKind
 from pipelines.storage import Location
-from sm_model.config import ImageResize
-from sm_model.pixels import resize_image
+from sm_model.inputs import InputSpec
 
 CHUNK_PAIRS = 64
 """Pairs per :class:`PairChunk`, the unit a loader process ships."""
@@ -262,21 +261,19 @@ class PieceReader(torch.utils.data.IterableDataset):
         shards: Location,
         pieces: Sequence[str | ShardSlice],
         index: Mapping[str, Mapping[str, Mapping[str, Any]]],
-        image_size: int,
-        image_resize: ImageResize = "antialiased",
+        spec: InputSpec,
         chunk_pairs: int | None = None,
     ) -> None:
         super().__init__()
         self.shards, self.pieces, self.index = shards, list(pieces), index
-        self.image_size, self.image_resize, self.chunk_pairs = image_size, image_resize, chunk_pairs or CHUNK_PAIRS
+        self.spec, self.chunk_pairs = spec, chunk_pairs or CHUNK_PAIRS
 
     def __iter__(self) -> Iterator[PairChunk]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        resize: Callable[[np.ndarray], Tensor] = partial(resize_image, size=self.image_size, method=self.image_resize)
         for piece in range(worker, len(self.pieces), workers):
-            samples = read_entry(self.shards, self.pieces[piece], self.index, image_map=resize)
-            yield from piece_chunks(samples, piece, self.image_size, self.chunk_pairs)
+            samples = read_entry(self.shards, self.pieces[piece], self.index, image_map=self.spec.resize)
+            yield from piece_chunks(samples, piece, self.spec.size, self.chunk_pairs)
 
 
 # ---- this process: chunks -> pairs -> batches -> device -----------------------------------------
@@ -317,8 +314,7 @@ def pair_refs(
     shards: Location,
     entries: Sequence[str | ShardSlice],
     *,
-    image_size: int,
-    image_resize: ImageResize = "antialiased",
+    spec: InputSpec,
     loader_workers: int = 0,
     chunk_pairs: int | None = None,
 ) -> Iterator[PairRef]:
@@ -331,8 +327,8 @@ def pair_refs(
     as it raised them."""
     entries = list(entries)
     index = index_rows(shards, dict(zip(map(entry_name, entries), entry_urls(shards, entries))))
-    pieces = plan_pieces(shards, entries, index, loader_workers, image_size)
-    reader = PieceReader(shards, pieces, index, image_size, image_resize, chunk_pairs)
+    pieces = plan_pieces(shards, entries, index, loader_workers, spec.size)
+    reader = PieceReader(shards, pieces, index, spec, chunk_pairs)
     images_of: dict[int, list[np.ndarray]] = {}
     for chunk in _in_piece_order(iter(stream_loader(reader, loader_workers)), len(pieces)):
         images = images_of.setdefault(chunk.piece, [])

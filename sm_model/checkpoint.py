@@ -120,8 +120,8 @@ def read_checkpoint(source: Source, name: str | None = None) -> dict[str, Any]:
         raise ValueError(f"{name} is not a readable torch checkpoint: {error}") from error
     if not isinstance(checkpoint, dict) or checkpoint.get("format") not in (CHECKPOINT_FORMAT, LEGACY_FORMAT):
         raise ValueError(
-            f"{name} is not a {CHECKPOINT_FORMAT} checkpoint (save_checkpoint writes one; for a released "
-            "best_model.pth use sm_model.official.official_model)"
+            f"{name} is not a {CHECKPOINT_FORMAT} checkpoint (save_checkpoint writes one; a released file "
+            "loads through sm_model.factory.create_model or sm_model.released.load_released)"
         )
     return checkpoint
 

@@ -284,6 +284,9 @@ def _assignments(key: str, value: Any) -> dict[str, Any]:
 
 def _apply(base: TrainConfig, assignments: Mapping[str, Any], source: str) -> TrainConfig:
     document = to_dict(base)
+    if assignments.get("model.kind", base.model.kind) != base.model.kind:
+        # The base's options are its kind's; a trial of another kind starts from that kind's defaults.
+        del document["model"][base.model.kind]
     for key, value in assignments.items():
         set_dotted(document, key, value, source)
     return train_config(document, source)

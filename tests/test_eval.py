@@ -180,7 +180,7 @@ def test_missing_split_and_unusable_checkpoint_are_named(demo_shards: Path, chec
         evaluate(request([str(checkpoint)], str(demo_shards), str(tmp_path / "out"), split="nope"))
     not_a_model = tmp_path / "notes.pt"
     torch.save({"weights": torch.zeros(2)}, not_a_model)
-    with pytest.raises(ValueError, match=f"{not_a_model} is not a simplematch-v1 checkpoint"):
+    with pytest.raises(ValueError, match=f"{not_a_model} is not a simplematch-v2 checkpoint"):
         evaluate(request([str(not_a_model)], str(demo_shards), str(tmp_path / "out")))
     with pytest.raises(FileNotFoundError, match=f"no checkpoint at {tmp_path / 'run'}"):
         evaluate(request([str(tmp_path / "run")], str(demo_shards), str(tmp_path / "out")))

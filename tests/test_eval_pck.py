@@ -16,6 +16,7 @@ from sm_eval.pck import (
 )
 from sm_eval.predict import batch_records
 from sm_feed.batches import PairMeta
+from sm_model.inputs import InputSpec
 from sm_model.pixels import from_resized_square, to_resized_square
 from tests.per_pair import PreparedPair, collate_pairs
 
@@ -91,6 +92,7 @@ class FixedPredictions:
 
     def __init__(self, pred: torch.Tensor) -> None:
         self.pred = pred
+        self.input_spec = InputSpec(28)
 
     def predict(self, src, trg, src_kps, valid, src_sizes, trg_sizes) -> torch.Tensor:
         assert src_kps.shape == self.pred.shape and valid.shape == self.pred.shape[:2]

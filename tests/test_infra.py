@@ -261,7 +261,7 @@ def check_command(command: Command) -> list[str]:
 def test_command_finder_and_checker_catch_mistakes(tmp_path: Path) -> None:
     text = """
         ray job submit --address http://127.0.0.1:8265 -- \\
-          python -m sm_train --config configs/demo.yaml 'model.coarse_window_sizes=[null, 3]' \\
+          python -m sm_train --config configs/demo.yaml 'model.simplematch.coarse_window_sizes=[null, 3]' \\
             data.shards=$PWD/data run.num_workers=2 2>&1 | tee log   # a comment
         $(PY) -m sm_train --config configs/demo.yaml optim.lrr=1 && echo done
         .venv/bin/python -m sm_train --config configs/nope.yaml
@@ -289,7 +289,7 @@ def test_command_finder_and_checker_catch_mistakes(tmp_path: Path) -> None:
         ("sm_train.tune", ("--config", "configs/@name@.yaml")),
     ]
     first = commands[0]
-    assert first.args[2:] == ("model.coarse_window_sizes=[null, 3]", "data.shards=$PWD/data", "run.num_workers=2")
+    assert first.args[2:] == ("model.simplematch.coarse_window_sizes=[null, 3]", "data.shards=$PWD/data", "run.num_workers=2")
     assert first.dynamic and not commands[1].dynamic
     verdicts = [check_command(c) for c in commands]
     assert verdicts[0] == [] and verdicts[5] == []

@@ -62,3 +62,52 @@ def test_loading_a_config_imports_no_model_stack() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def module_cycles(root: Path) -> list[list[str]]:
+    """Import cycles among the project's modules (function-level imports included), each as the
+    modules around it."""
+    modules = {
+        ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): path
+        for package in LAYERS
+        for path in (root / package).rglob("*.py")
+    }
+    graph = {}
+    for name, path in modules.items():
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                candidates = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+            elif isinstance(node, ast.Import):
+                candidates = [alias.name for alias in node.names]
+            else:
+                continue
+            imported |= {candidate for candidate in candidates if candidate in modules and candidate != name}
+        graph[name] = imported
+    cycles, done = [], set()
+
+    def visit(name: str, trail: list[str]) -> None:
+        if name in trail:
+            cycles.append(trail[trail.index(name) :])
+            return
+        if name in done:
+            return
+        for child in sorted(graph[name]):
+            visit(child, [*trail, name])
+        done.add(name)
+
+    for name in sorted(graph):
+        visit(name, [])
+    return cycles
+
+
+def test_no_two_modules_import_each_other() -> None:
+    assert module_cycles(REPO_ROOT) == []
+
+
+def test_the_cycle_check_sees_a_function_level_import(tmp_path: Path) -> None:
+    for package in LAYERS:
+        (tmp_path / package).mkdir()
+    (tmp_path / "pipelines" / "a.py").write_text("from pipelines.b import f\n")
+    (tmp_path / "pipelines" / "b.py").write_text("def f():\n    from pipelines import a\n")
+    assert module_cycles(tmp_path) == [["pipelines.a", "pipelines.b"]]

@@ -154,7 +154,7 @@ def test_baseline_configs_hold_the_survey_recipe() -> None:
         assert (model.kind, model.backbone, model.weights) == ("baseline", "dinov2_vitb14", "hub")
         assert model.image_size == 840
         assert (model.finetune, model.finetune_blocks, model.final_norm) == ("last_blocks", 2, True)
-        assert (model.loss_temperature, model.target_window) == (0.03, 7)
+        assert (model.options.loss_temperature, model.options.target_window) == (0.03, 7)
         assert (model.localizer_method, model.kernel_sigma, model.beta) == ("kernel", 7.0, 0.04)
         assert (optim.optimizer, optim.lr, optim.backbone_lr, optim.weight_decay) == ("adamw", 1e-4, 1e-4, 0.05)
         assert (optim.lr_schedule, optim.lr_milestones, optim.lr_gamma) == ("epochs", (1, 2), 0.5)
@@ -223,6 +223,7 @@ def test_sweeps_take_any_trainable_kind(tmp_path: Path) -> None:
     assert load_space(space, base).space["model.kind"] == ("grid", ["simplematch", "baseline"])
     trial = trial_config(base, {"model.kind": "simplematch", "optim.backbone_lr": 1e-5}, "trial")
     assert (trial.model.kind, trial.optim.backbone_lr, trial.run.name) == ("simplematch", 1e-5, "trial")
+    assert trial.model.options == SimpleMatchOptions()  # the base's baseline options are left behind
     space.write_text("space:\n  model.kind: {grid: [zero-shot]}\n")
     refused = r"space\.model\.kind='zero-shot': model\.kind must be one of .* trains nothing"
     with pytest.raises(ConfigError, match=refused):

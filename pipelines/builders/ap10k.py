@@ -4,10 +4,10 @@
 
 The raw release (``annotations/ap10k-{train,val,test}-split1.json``, COCO style, and
 ``data/<file_name>``) is read by :func:`pipelines.sources.ap10k.load_raw_release`, which applies
-GeoAware's image filter; :func:`sample_pairs` forms each split's pairs following GeoAware's
-``prepare_ap10k`` recipe, and :func:`build_pair_layout` writes them as the GeoAware-SC pair layout
+GeoAware's image filter; :func:`pipelines.sources.ap10k.sample_pairs` forms each split's pairs
+following GeoAware's ``prepare_ap10k`` recipe, and :func:`build_pair_layout` writes them as the GeoAware-SC pair layout
 (``ImageAnnotation/``, ``JPEGImages/``, ``PairAnnotation/<split>/``) that
-:mod:`pipelines.sources.ap10k` reads. That reader applies :func:`sample_pairs` in memory to a raw
+:mod:`pipelines.sources.ap10k` reads. That reader applies the same recipe in memory to a raw
 root, writing nothing, so reading the built layout gives the same pair records as reading the raw
 root (only image paths and ``origin`` differ).
 
@@ -23,155 +23,25 @@ excluded a released list of crowd ids); the keypoint counts use ``v > 0`` (GeoAw
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import logging
-import random
-from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-
 from pipelines.sources.ap10k import (
-    CROSS_FAMILY_CATEGORY,
     GEOAWARE_PROTOCOL,
     IMAGE_ANNOTATION_DIR,
     IMAGE_DIR,
-    INTRA_SPLITS,
     PAIR_DIR,
     SPLITS,
-    AnimalImage,
-    PairSpec,
     Protocol,
     image_stem,
     load_raw_release,
+    sample_pairs,
 )
 from pipelines.storage import Location
 
 log = logging.getLogger(__name__)
-
-# ---------------------------------------------------------------------------------------------
-# GeoAware's pairing recipe: images split per species, then paired per split
-
-SpeciesLists = dict[tuple[str, str], list[AnimalImage]]
-"""``{(family, species): images}``, the images sorted by id."""
-
-
-def split_species(images: Sequence[AnimalImage], protocol: Protocol = GEOAWARE_PROTOCOL) -> dict[str, SpeciesLists]:
-    """``{"trn" | "val" | "test": {(family, species): images}}``: per species, by image id, the
-    last ``test_per_species`` images are test, the ``val_per_species`` before them val, the rest trn.
-    (GeoAware splits in ``os.walk`` order, which depends on the filesystem; sorting fixes that.)"""
-    by_species: dict[tuple[str, str], list[AnimalImage]] = defaultdict(list)
-    for image in sorted(images, key=lambda im: im.image_id):
-        by_species[(image.family, image.species)].append(image)
-    splits: dict[str, SpeciesLists] = {name: {} for name in INTRA_SPLITS}
-    for species in sorted(by_species):
-        members = by_species[species]
-        n_test = min(protocol.test_per_species, len(members))
-        n_val = min(protocol.val_per_species, len(members) - n_test)
-        n_trn = len(members) - n_test - n_val
-        splits["trn"][species] = members[:n_trn]
-        splits["val"][species] = members[n_trn : n_trn + n_val]
-        splits["test"][species] = members[n_trn + n_val :]
-    return splits
-
-
-def sample_pairs(
-    images: Sequence[AnimalImage], split: str, seed: int = 42, protocol: Protocol = GEOAWARE_PROTOCOL
-) -> list[PairSpec]:
-    """GeoAware's pairs of ``split``, sorted by pair file name. A pair is valid when at least
-    ``min_keypoints`` joints are labelled in both images. Each split draws from its own
-    ``random.Random(seed)`` (so one split can be built alone), species and families in name order:
-
-    - ``val``/``test``: every valid unordered pair of a species, the earlier image id as source.
-    - ``trn``: per species, ``trn_pairs_per_image`` x (its images) valid *ordered* pairs sampled
-      without repeats, or all of them if fewer exist.
-    - ``*_cross_species``: per family with several species, the products of its species' image
-      lists (species in name order, source from the earlier species) are pooled and
-      ``min(cross_species_pairs, valid)`` are sampled.
-    - ``*_cross_family``: per unordered family pair (source from the earlier family),
-      ``min(cross_family_pairs, valid)`` of the product of the two families' images.
-    """
-    if split not in SPLITS:
-        raise ValueError(f"unknown AP-10K split {split!r}; choose one of {', '.join(SPLITS)}")
-    base = split.split("_")[0]
-    lists = split_species(images, protocol)[base]
-    rng = random.Random(seed)
-    if split.endswith("_cross_family"):
-        pairs = _cross_family_pairs(lists, rng, protocol.cross_family_pairs[base], protocol.min_keypoints)
-    elif split.endswith("_cross_species"):
-        pairs = _cross_species_pairs(lists, rng, protocol.cross_species_pairs[base], protocol.min_keypoints)
-    else:
-        per_image = protocol.trn_pairs_per_image if split == "trn" else None
-        pairs = _intra_species_pairs(lists, rng, per_image, protocol.min_keypoints)
-    return sorted(pairs, key=lambda pair: f"{pair.name}.json")
-
-
-def _intra_species_pairs(
-    lists: SpeciesLists, rng: random.Random, pairs_per_image: int | None, min_mutual: int
-) -> list[PairSpec]:
-    """All valid unordered pairs per species (``pairs_per_image`` None), or a sample of
-    ``pairs_per_image`` x n valid ordered pairs."""
-    pairs = []
-    for (_, species), members in lists.items():
-        valid = _valid_index_pairs(members, members, min_mutual)
-        if pairs_per_image is None:
-            chosen = valid[valid[:, 0] < valid[:, 1]]
-        else:
-            ordered = valid[valid[:, 0] != valid[:, 1]]
-            chosen = _sample_rows(rng, ordered, pairs_per_image * len(members))
-        pairs.extend(PairSpec(members[i], members[j], species) for i, j in chosen)
-    return pairs
-
-
-def _cross_species_pairs(lists: SpeciesLists, rng: random.Random, cap: int, min_mutual: int) -> list[PairSpec]:
-    by_family: dict[str, list[list[AnimalImage]]] = defaultdict(list)
-    for (family, _), members in lists.items():
-        by_family[family].append(members)
-    pairs = []
-    for family in sorted(by_family):
-        species_lists = by_family[family]
-        members = [image for species_members in species_lists for image in species_members]
-        offsets = np.cumsum([0] + [len(species_members) for species_members in species_lists])
-        pooled = [np.zeros((0, 2), dtype=np.int64)] + [
-            _valid_index_pairs(species_lists[a], species_lists[b], min_mutual) + [offsets[a], offsets[b]]
-            for a, b in itertools.combinations(range(len(species_lists)), 2)
-        ]
-        chosen = _sample_rows(rng, np.concatenate(pooled), cap)
-        pairs.extend(PairSpec(members[i], members[j], family) for i, j in chosen)
-    return pairs
-
-
-def _cross_family_pairs(lists: SpeciesLists, rng: random.Random, cap: int, min_mutual: int) -> list[PairSpec]:
-    by_family: dict[str, list[AnimalImage]] = defaultdict(list)
-    for (family, _), members in lists.items():
-        by_family[family].extend(members)
-    pairs = []
-    for left, right in itertools.combinations(sorted(by_family), 2):
-        valid = _sample_rows(rng, _valid_index_pairs(by_family[left], by_family[right], min_mutual), cap)
-        pairs.extend(PairSpec(by_family[left][i], by_family[right][j], CROSS_FAMILY_CATEGORY) for i, j in valid)
-    return pairs
-
-
-def _valid_index_pairs(left: Sequence[AnimalImage], right: Sequence[AnimalImage], min_mutual: int) -> np.ndarray:
-    """``(K, 2)`` int64 index pairs ``(i, j)`` into ``left`` x ``right``, in product order, whose
-    images share at least ``min_mutual`` labelled joints."""
-    if not left or not right:
-        return np.zeros((0, 2), dtype=np.int64)
-    left_labelled = np.stack([image.labelled for image in left]).astype(np.int64)
-    right_labelled = np.stack([image.labelled for image in right]).astype(np.int64)
-    return np.argwhere(left_labelled @ right_labelled.T >= min_mutual)
-
-
-def _sample_rows(rng: random.Random, rows: np.ndarray, count: int) -> np.ndarray:
-    """``min(count, len(rows))`` rows drawn without repeats."""
-    return rows[rng.sample(range(len(rows)), min(count, len(rows)))]
-
-
-# ---------------------------------------------------------------------------------------------
-# Writing the pair layout
-
 
 def build_pair_layout(
     raw_root: Location, out_dir: Path, seed: int = 42, protocol: Protocol = GEOAWARE_PROTOCOL

@@ -18,7 +18,7 @@ Two layouts are recognised from the root, in this order:
 2. The raw AP-10K release (the root holds ``annotations/``): ``annotations/ap10k-{train,val,test}-
    split1.json`` (COCO style) and ``data/<file_name>``. The pairs are built in memory, nothing is
    written, following GeoAware's ``prepare_ap10k`` recipe as
-   :func:`pipelines.builders.ap10k.sample_pairs` implements it (that module's docstring lists where it
+   :func:`sample_pairs` implements it (:mod:`pipelines.builders.ap10k`'s docstring lists where it
    deliberately differs from GeoAware's script). :mod:`pipelines.builders.ap10k` (``python -m
    pipelines.builders.ap10k --raw DIR --out DIR``) writes the same pairs as layout 1, and reading
    that layout gives the same pair records as reading the raw root (only image paths and ``origin``
@@ -55,9 +55,10 @@ from __future__ import annotations
 
 import functools
 import itertools
+import random
 import re
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
@@ -144,7 +145,7 @@ class AnimalImage:
 
 @dataclass(frozen=True)
 class PairSpec:
-    """A pair as the recipe (:func:`pipelines.builders.ap10k.sample_pairs`) lists it:
+    """A pair as the recipe (:func:`sample_pairs`) lists it:
     ``PairAnnotation/<split>/<name>.json``."""
 
     src: AnimalImage
@@ -411,11 +412,8 @@ def _check_pair_against_name(pair: PairSpec, named_ids: tuple[int, int], split: 
 def read_raw_pairs(
     root: Location, split: str, seed: int = 42, protocol: Protocol = GEOAWARE_PROTOCOL
 ) -> Iterator[PairRecord | Reject]:
-    """The excluded-image rejects, then the pairs :func:`pipelines.builders.ap10k.sample_pairs`
+    """The excluded-image rejects, then the pairs :func:`sample_pairs`
     builds for ``split`` in memory (``origin``: the release file(s) listing the two images)."""
-    # Imported here: the builder imports this module for the image model and the raw release.
-    from pipelines.builders.ap10k import sample_pairs
-
     release = load_raw_release(root, protocol.min_keypoints)
     pairs = sample_pairs(release.images, split, seed, protocol)
     return itertools.chain(release.rejects, (make_pair_record(split, pair, _raw_origin(pair)) for pair in pairs))
@@ -506,3 +504,125 @@ def _single_animal(
     if labelled < min_keypoints:
         raise RejectError(EXCLUDED_IMAGE, f"{labelled} labelled keypoints (v > 0), fewer than {min_keypoints}")
     return document, parsed
+
+
+# ---------------------------------------------------------------------------------------------
+# GeoAware's pairing recipe: images split per species, then paired per split
+
+SpeciesLists = dict[tuple[str, str], list[AnimalImage]]
+"""``{(family, species): images}``, the images sorted by id."""
+
+
+def split_species(images: Sequence[AnimalImage], protocol: Protocol = GEOAWARE_PROTOCOL) -> dict[str, SpeciesLists]:
+    """``{"trn" | "val" | "test": {(family, species): images}}``: per species, by image id, the
+    last ``test_per_species`` images are test, the ``val_per_species`` before them val, the rest trn.
+    (GeoAware splits in ``os.walk`` order, which depends on the filesystem; sorting fixes that.)"""
+    by_species: dict[tuple[str, str], list[AnimalImage]] = defaultdict(list)
+    for image in sorted(images, key=lambda im: im.image_id):
+        by_species[(image.family, image.species)].append(image)
+    splits: dict[str, SpeciesLists] = {name: {} for name in INTRA_SPLITS}
+    for species in sorted(by_species):
+        members = by_species[species]
+        n_test = min(protocol.test_per_species, len(members))
+        n_val = min(protocol.val_per_species, len(members) - n_test)
+        n_trn = len(members) - n_test - n_val
+        splits["trn"][species] = members[:n_trn]
+        splits["val"][species] = members[n_trn : n_trn + n_val]
+        splits["test"][species] = members[n_trn + n_val :]
+    return splits
+
+
+def sample_pairs(
+    images: Sequence[AnimalImage], split: str, seed: int = 42, protocol: Protocol = GEOAWARE_PROTOCOL
+) -> list[PairSpec]:
+    """GeoAware's pairs of ``split``, sorted by pair file name. A pair is valid when at least
+    ``min_keypoints`` joints are labelled in both images. Each split draws from its own
+    ``random.Random(seed)`` (so one split can be built alone), species and families in name order:
+
+    - ``val``/``test``: every valid unordered pair of a species, the earlier image id as source.
+    - ``trn``: per species, ``trn_pairs_per_image`` x (its images) valid *ordered* pairs sampled
+      without repeats, or all of them if fewer exist.
+    - ``*_cross_species``: per family with several species, the products of its species' image
+      lists (species in name order, source from the earlier species) are pooled and
+      ``min(cross_species_pairs, valid)`` are sampled.
+    - ``*_cross_family``: per unordered family pair (source from the earlier family),
+      ``min(cross_family_pairs, valid)`` of the product of the two families' images.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"unknown AP-10K split {split!r}; choose one of {', '.join(SPLITS)}")
+    base = split.split("_")[0]
+    lists = split_species(images, protocol)[base]
+    rng = random.Random(seed)
+    if split.endswith("_cross_family"):
+        pairs = _cross_family_pairs(lists, rng, protocol.cross_family_pairs[base], protocol.min_keypoints)
+    elif split.endswith("_cross_species"):
+        pairs = _cross_species_pairs(lists, rng, protocol.cross_species_pairs[base], protocol.min_keypoints)
+    else:
+        per_image = protocol.trn_pairs_per_image if split == "trn" else None
+        pairs = _intra_species_pairs(lists, rng, per_image, protocol.min_keypoints)
+    return sorted(pairs, key=lambda pair: f"{pair.name}.json")
+
+
+def _intra_species_pairs(
+    lists: SpeciesLists, rng: random.Random, pairs_per_image: int | None, min_mutual: int
+) -> list[PairSpec]:
+    """All valid unordered pairs per species (``pairs_per_image`` None), or a sample of
+    ``pairs_per_image`` x n valid ordered pairs."""
+    pairs = []
+    for (_, species), members in lists.items():
+        valid = _valid_index_pairs(members, members, min_mutual)
+        if pairs_per_image is None:
+            chosen = valid[valid[:, 0] < valid[:, 1]]
+        else:
+            ordered = valid[valid[:, 0] != valid[:, 1]]
+            chosen = _sample_rows(rng, ordered, pairs_per_image * len(members))
+        pairs.extend(PairSpec(members[i], members[j], species) for i, j in chosen)
+    return pairs
+
+
+def _cross_species_pairs(lists: SpeciesLists, rng: random.Random, cap: int, min_mutual: int) -> list[PairSpec]:
+    by_family: dict[str, list[list[AnimalImage]]] = defaultdict(list)
+    for (family, _), members in lists.items():
+        by_family[family].append(members)
+    pairs = []
+    for family in sorted(by_family):
+        species_lists = by_family[family]
+        members = [image for species_members in species_lists for image in species_members]
+        offsets = np.cumsum([0] + [len(species_members) for species_members in species_lists])
+        pooled = [np.zeros((0, 2), dtype=np.int64)] + [
+            _valid_index_pairs(species_lists[a], species_lists[b], min_mutual) + [offsets[a], offsets[b]]
+            for a, b in itertools.combinations(range(len(species_lists)), 2)
+        ]
+        chosen = _sample_rows(rng, np.concatenate(pooled), cap)
+        pairs.extend(PairSpec(members[i], members[j], family) for i, j in chosen)
+    return pairs
+
+
+def _cross_family_pairs(lists: SpeciesLists, rng: random.Random, cap: int, min_mutual: int) -> list[PairSpec]:
+    by_family: dict[str, list[AnimalImage]] = defaultdict(list)
+    for (family, _), members in lists.items():
+        by_family[family].extend(members)
+    pairs = []
+    for left, right in itertools.combinations(sorted(by_family), 2):
+        valid = _sample_rows(rng, _valid_index_pairs(by_family[left], by_family[right], min_mutual), cap)
+        pairs.extend(PairSpec(by_family[left][i], by_family[right][j], CROSS_FAMILY_CATEGORY) for i, j in valid)
+    return pairs
+
+
+def _valid_index_pairs(left: Sequence[AnimalImage], right: Sequence[AnimalImage], min_mutual: int) -> np.ndarray:
+    """``(K, 2)`` int64 index pairs ``(i, j)`` into ``left`` x ``right``, in product order, whose
+    images share at least ``min_mutual`` labelled joints."""
+    if not left or not right:
+        return np.zeros((0, 2), dtype=np.int64)
+    left_labelled = np.stack([image.labelled for image in left]).astype(np.int64)
+    right_labelled = np.stack([image.labelled for image in right]).astype(np.int64)
+    return np.argwhere(left_labelled @ right_labelled.T >= min_mutual)
+
+
+def _sample_rows(rng: random.Random, rows: np.ndarray, count: int) -> np.ndarray:
+    """``min(count, len(rows))`` rows drawn without repeats."""
+    return rows[rng.sample(range(len(rows)), min(count, len(rows)))]
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing the pair layout

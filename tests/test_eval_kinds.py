@@ -58,7 +58,9 @@ def test_the_localizer_is_chosen_at_evaluation(demo_shards: Path, checkpoint: Pa
     models = {name: json.loads((tmp_path / name / "report.json").read_text())["models"][0] for name in
               ("window", "argmax", "kernel")}  # fmt: skip
     assert [models[name]["localizer"] for name in ("window", "argmax", "kernel")] == ["window", "argmax", "kernel"]
-    assert models["window"]["config"] == models["argmax"]["config"]  # the checkpoint's own config, unchanged
+    # The report holds the config each model predicted with: the checkpoint's, with the override.
+    assert models["window"]["config"]["localizer"] is None and models["argmax"]["config"]["localizer"] == "argmax"
+    assert {**models["window"]["config"], "localizer": "argmax"} == models["argmax"]["config"]
     window, argmax = resized_predictions(tmp_path / "window"), resized_predictions(tmp_path / "argmax")
     assert not np.allclose(window, argmax)
     # Nearest neighbour on the stride-4 map of the 28-pixel input: cell centres 4 j + 1.5.

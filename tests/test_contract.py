@@ -31,14 +31,22 @@ KINDS = {
         backbone="dinov2_vits14", image_size=28, window_size=5, options=SimpleMatchOptions(decoder_channels=16)
     ),
     "simplematch-multiscale": ModelConfig(
-        backbone="resnet18", image_size=64, finetune="full", window_size=5,
+        backbone="resnet18",
+        image_size=64,
+        finetune="full",
+        window_size=5,
         options=SimpleMatchOptions(decoder_channels=8, multiscale=True, coarse_window_sizes=(None, 3)),
-    ),  # fmt: skip
+    ),
     "zero-shot": zero_shot_config("zero-shot:dinov2_vits14", weights=None, image_size=28),
     "baseline": ModelConfig(
-        kind="baseline", backbone="dinov2_vits14", image_size=28, finetune="last_blocks", finetune_blocks=2,
-        final_norm=True, options=BaselineOptions(),
-    ),  # fmt: skip
+        kind="baseline",
+        backbone="dinov2_vits14",
+        image_size=28,
+        finetune="last_blocks",
+        finetune_blocks=2,
+        final_norm=True,
+        options=BaselineOptions(),
+    ),
 }
 
 
@@ -158,15 +166,27 @@ def test_each_kind_has_its_section_under_its_name() -> None:
 @pytest.mark.parametrize(
     ("document", "message"),
     [
-        ({"loss_temperature": 0.1}, r"model\.loss_temperature is an option of kind 'baseline', but the model's kind is 'simplematch'"),
-        ({"kind": "baseline", "multiscale": True}, r"model\.multiscale is an option of kind 'simplematch', but the model's kind is 'baseline'"),
-        ({"kind": "baseline", "simplematch": {}}, r"model\.simplematch is the section of kind 'simplematch', but the model's kind is 'baseline'"),
-        ({"simplematch": {"decoder_chanels": 8}}, r"unknown key 'model\.simplematch\.decoder_chanels' \(did you mean 'decoder_channels'\?\)"),
+        (
+            {"loss_temperature": 0.1},
+            r"model\.loss_temperature is an option of kind 'baseline', but the model's kind is 'simplematch'",
+        ),
+        (
+            {"kind": "baseline", "multiscale": True},
+            r"model\.multiscale is an option of kind 'simplematch', but the model's kind is 'baseline'",
+        ),
+        (
+            {"kind": "baseline", "simplematch": {}},
+            r"model\.simplematch is the section of kind 'simplematch', but the model's kind is 'baseline'",
+        ),
+        (
+            {"simplematch": {"decoder_chanels": 8}},
+            r"unknown key 'model\.simplematch\.decoder_chanels' \(did you mean 'decoder_channels'\?\)",
+        ),
         ({"simplematch": [1, 2]}, r"model\.simplematch must be a mapping of simplematch options"),
         ({"kind": "lpm"}, r"model\.kind='lpm' is not one of \['simplematch', 'zero-shot', 'baseline'"),
         ({"bogus": 1}, r"unknown key 'model\.bogus'"),
     ],
-)  # fmt: skip
+)
 def test_a_key_of_another_kind_or_none_is_an_error_naming_it(document: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         from_dict(ModelConfig, document, "f.yaml", "model.")

@@ -27,7 +27,7 @@ check_lock = _load_checker()
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(CHECKER), *args], capture_output=True, text=True, timeout=60)
+    return subprocess.run([sys.executable, str(CHECKER), *args], capture_output=True, text=True, timeout=60, check=False)
 
 
 @pytest.fixture
@@ -64,7 +64,9 @@ def test_changed_pyproject_is_detected(copies):
     pyproject, lock = copies
     text = pyproject.read_text()
     # A new dependency: the digest changes and the package is not pinned.
-    pyproject.write_text(re.sub(r"^dependencies = \[", 'dependencies = [\n    "rich>=13",', text, count=1, flags=re.M))
+    pyproject.write_text(
+        re.sub(r"^dependencies = \[", 'dependencies = [\n    "rich>=13",', text, count=1, flags=re.MULTILINE)
+    )
     assert pyproject.read_text() != text
     message = _one_line_failure(_run("--pyproject", str(pyproject), "--lock", str(lock)))
     assert "changed" in message and "1 more" in message
@@ -79,7 +81,7 @@ def test_changed_pyproject_is_detected(copies):
 def test_pin_outside_its_specifier_is_detected(copies):
     pyproject, lock = copies
     text = lock.read_text()
-    pinned = re.search(r"^numpy==(\S+)", text, re.M).group(1)
+    pinned = re.search(r"^numpy==(\S+)", text, re.MULTILINE).group(1)
     lock.write_text(text.replace(f"numpy=={pinned} ", "numpy==1.25.2 ", 1))
     message = _one_line_failure(_run("--pyproject", str(pyproject), "--lock", str(lock)))
     assert "numpy==1.25.2" in message and "numpy>=1.26" in message

@@ -27,7 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 STAMP_PREFIX = "# pyproject-deps-sha256:"
-STAMP_RE = re.compile(r"^# pyproject-deps-sha256:\s*([0-9a-f]{64})\s*$", re.M)
+STAMP_RE = re.compile(r"^# pyproject-deps-sha256:\s*([0-9a-f]{64})\s*$", re.MULTILINE)
 
 # --- PEP 440 versions, enough to compare pins with specifiers -------------------------------------
 
@@ -40,7 +40,7 @@ _VERSION_RE = re.compile(
     (?:[-_.]?(?P<dev_l>dev)[-_.]?(?P<dev_n>[0-9]+)?)?
     (?:\+(?P<local>[a-z0-9]+(?:[-_.][a-z0-9]+)*))?
     \s*$""",
-    re.X | re.I,
+    re.VERBOSE | re.IGNORECASE,
 )
 _PRE_RANK = {"a": 0, "alpha": 0, "b": 1, "beta": 1, "c": 2, "rc": 2, "pre": 2, "preview": 2}
 
@@ -65,7 +65,7 @@ class Version:
     def is_prerelease(self) -> bool:
         return self.pre is not None or self.dev is not None
 
-    def public(self) -> "Version":
+    def public(self) -> Version:
         return Version(self.text.split("+", 1)[0])
 
     @property
@@ -81,8 +81,11 @@ class Version:
             pre = (0, *self.pre)
         post = (self.post,) if self.post is not None else (-1,)
         dev = (0, self.dev) if self.dev is not None else (1, 0)
-        local = () if self.local is None else tuple(
-            (1, int(p)) if p.isdigit() else (0, p.lower()) for p in re.split(r"[-_.]", self.local))
+        local = (
+            ()
+            if self.local is None
+            else tuple((1, int(p)) if p.isdigit() else (0, p.lower()) for p in re.split(r"[-_.]", self.local))
+        )
         return (self.epoch, tuple(release), pre, post, dev, local)
 
 
@@ -132,12 +135,15 @@ def admits(specifier: str, version_text: str) -> bool:
             elif op == ">":
                 # >V excludes V's post-releases unless V is one (PEP 440)
                 ok = candidate.key > spec.key and not (
-                    spec.post is None and candidate.post is not None
-                    and candidate.public().key[:2] == spec.key[:2] and candidate.pre is None)
+                    spec.post is None
+                    and candidate.post is not None
+                    and candidate.public().key[:2] == spec.key[:2]
+                    and candidate.pre is None
+                )
             else:  # "<": <V excludes V's pre-releases unless V is one
                 ok = candidate.key < spec.key and not (
-                    not spec.is_prerelease and candidate.is_prerelease
-                    and candidate.key[:2] == spec.key[:2])
+                    not spec.is_prerelease and candidate.is_prerelease and candidate.key[:2] == spec.key[:2]
+                )
         if not ok:
             return False
     return True
@@ -150,7 +156,7 @@ _REQ_RE = re.compile(
     (?:\[(?P<extras>[^\]]*)\])?\s*
     (?:@\s*(?P<url>[^;\s]+)\s*|\(?(?P<spec>[^;()]*)\)?\s*)
     (?:;(?P<marker>.*))?$""",
-    re.X,
+    re.VERBOSE,
 )
 
 
@@ -194,8 +200,9 @@ def lock_pins(lock_text: str) -> tuple[dict[str, str], list[str]]:
             continue
         hashes = re.findall(r"--hash=(\w+):\w+", line)
         req_text = re.split(r"\s--", " " + line, maxsplit=1)[0].strip()
-        m = re.match(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)(?:\[[^\]]*\])?\s*==\s*(?P<version>[^\s;*]+)\s*(?:;.*)?$",
-                      req_text)
+        m = re.match(
+            r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)(?:\[[^\]]*\])?\s*==\s*(?P<version>[^\s;*]+)\s*(?:;.*)?$", req_text
+        )
         if not m:
             problems.append(f"lock line not pinned with ==: {req_text!r}")
             continue
@@ -267,8 +274,10 @@ def main(argv: list[str] | None = None) -> int:
     problems = check(args.pyproject, args.lock)
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        print(f"{args.lock.name} does not match {args.pyproject.name}: {problems[0]}{more}; run `make lock`",
-              file=sys.stderr)
+        print(
+            f"{args.lock.name} does not match {args.pyproject.name}: {problems[0]}{more}; run `make lock`",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

@@ -44,7 +44,7 @@ def batch_records(
     autocast_dtype: torch.dtype | None = None,
 ) -> KeypointRecords:
     """Per-keypoint records of one batch (on the model's device), in the original frame; they carry
-    the batch's image side ``S``, so they score in the resized ``S x S`` frame too
+    the model's input side ``S``, so they score in the resized ``S x S`` frame too
     (:func:`sm_eval.pck.records_in_frame`)."""
     return _records(*_launch(model, batch, autocast_dtype))
 
@@ -67,23 +67,24 @@ def stream_records(
 
 def _launch(model: MatchModel, batch: PairBatch, autocast_dtype: torch.dtype | None):
     """The prediction of ``batch`` queued, with its copy to the host (and of ``valid``) behind it."""
-    pred = predict_batch(model, batch, autocast_dtype)
+    pred, square = predict_batch(model, batch, autocast_dtype), model.input_spec.size
     if pred.device.type != "cuda":
-        return batch, pred, batch.valid.cpu(), None
+        return batch, square, pred, batch.valid.cpu(), None
     host = pred.to("cpu", non_blocking=True), batch.valid.to("cpu", non_blocking=True)
     copied = torch.cuda.Event()
     copied.record(torch.cuda.current_stream(pred.device))
-    return batch, *host, copied
+    return batch, square, *host, copied
 
 
-def _records(batch: PairBatch, pred: torch.Tensor, valid: torch.Tensor, copied: torch.cuda.Event | None):
+def _records(
+    batch: PairBatch, square: int, pred: torch.Tensor, valid: torch.Tensor, copied: torch.cuda.Event | None
+) -> KeypointRecords:
     if copied is not None:
         copied.synchronize()
-    return _batch_records(batch, pred.numpy(), valid.numpy())
+    return _batch_records(batch, square, pred.numpy(), valid.numpy())
 
 
-def _batch_records(batch: PairBatch, pred: np.ndarray, valid: np.ndarray) -> KeypointRecords:
-    square = batch.src_image.shape[-1]
+def _batch_records(batch: PairBatch, square: int, pred: np.ndarray, valid: np.ndarray) -> KeypointRecords:
     parts = []
     for row, meta in enumerate(batch.meta):
         count = len(meta.kps_ids)

@@ -74,10 +74,14 @@ def main() -> None:
 
     ratio = large_s / small_s
     print(f"zero-shot dinov2_vits14 at {args.size} px, {torch.get_num_threads()} threads, CPU")
-    print(f"1. match_points, 30 x 30 grid: {large_s * 1e3:.0f} ms; 3 x 3 grid: {small_s * 1e3:.0f} ms; "
-          f"ratio {ratio:.3f} (goal <= {GRID_RATIO_GOAL})")
-    print(f"2. one point against the cached encoding: {match_s * 1e3:.1f} ms (goal <= {ONE_POINT_GOAL_MS:.0f} ms); "
-          f"encoding the pair: {encode_s * 1e3:.0f} ms")
+    print(
+        f"1. match_points, 30 x 30 grid: {large_s * 1e3:.0f} ms; 3 x 3 grid: {small_s * 1e3:.0f} ms; "
+        f"ratio {ratio:.3f} (goal <= {GRID_RATIO_GOAL})"
+    )
+    print(
+        f"2. one point against the cached encoding: {match_s * 1e3:.1f} ms (goal <= {ONE_POINT_GOAL_MS:.0f} ms); "
+        f"encoding the pair: {encode_s * 1e3:.0f} ms"
+    )
     figures = {
         "size": args.size,
         "threads": torch.get_num_threads(),

@@ -30,7 +30,7 @@ from sm_eval.checkpoints import OfficialSettings
 from sm_eval.evaluate import DEFAULT_ALPHAS, EvalRequest, check_alphas, evaluate
 from sm_eval.match import positive_int
 from sm_eval.pck import FRAMES, RULES
-from sm_eval.report import AVERAGE_LABELS, AVERAGES, frame_label, percent
+from sm_eval.report import AVERAGE_LABELS, AVERAGES, frame_label, non_finite_words, percent
 from sm_eval.runner import DTYPES, EvalSettings
 from sm_model.localizers import LOCALIZERS
 
@@ -241,6 +241,9 @@ def summary_lines(report: dict) -> list[str]:
             for average in AVERAGES:
                 values = " ".join(f"{percent(v):>9}" for v in model["results"][frame]["overall"][average])
                 lines.append(f"{model['name']:<24} {label:<16} {AVERAGE_LABELS[average]:<13} {values}")
+    for model in report["models"]:
+        if model.get("non_finite_predictions"):
+            lines.append(f"{model['name']}: {non_finite_words(model['non_finite_predictions'], report['data']['keypoints'])}")
     return lines
 
 

@@ -23,11 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import yaml
-
 from pipelines.storage import Location, split_s3_url
 from sm_model.checkpoint import MODEL_FILE, checkpoint_bytes
-from sm_model.config import ModelConfig, from_dict, to_dict
+from sm_model.config import ModelConfig, from_dict, load_yaml, to_dict
 from sm_model.factory import ModelFile, create_model, read_model_file
 from sm_model.matcher import MatchModel
 from sm_model.registry import is_zero_shot_spec
@@ -102,7 +100,17 @@ def open_model(
             "one each in order), and for DINOv2 LoRA --backbone-weights dinov2_vitb14_pretrain.pth"
         )
     model = create_model(file, config=official_config, backbone_weights=backbone_weights, **overrides)
+    check_finite(model, file.name)
     return model, file.name, file.released is not None
+
+
+def check_finite(model: MatchModel, name: str) -> None:
+    """A ValueError naming the model and its first tensors that hold NaN or infinite values: such
+    weights predict NaN everywhere, which would score a silent 0 %."""
+    broken = [key for key, value in model.state_dict().items() if value.is_floating_point() and not value.isfinite().all()]
+    if broken:
+        shown = ", ".join(broken[:3]) + (f" and {len(broken) - 3} more" if len(broken) > 3 else "")
+        raise ValueError(f"model {name} has NaN or infinite weights in {len(broken)} tensors ({shown}): refusing to evaluate it")
 
 
 def resolve_model(
@@ -134,11 +142,9 @@ def _read_model_file(source: str, endpoint_url: str | None) -> ModelFile:
 def official_model_config(path: str) -> ModelConfig:
     """The ``model:`` section of the training config YAML at ``path`` (local) as a :class:`ModelConfig`."""
     try:
-        document = yaml.safe_load(Path(path).read_text())
+        document = load_yaml(Path(path).read_bytes(), f"--official-config {path}")
     except FileNotFoundError:
         raise FileNotFoundError(f"--official-config: no file at {path}") from None
-    except yaml.YAMLError as error:
-        raise ValueError(f"--official-config {path}: not valid YAML: {error}") from None
     if not isinstance(document, dict) or not isinstance(document.get("model"), dict):
         raise ValueError(f"--official-config {path}: expected a training config with a model: section")  # noqa: TRY004
     return from_dict(ModelConfig, document["model"], path, "model.")

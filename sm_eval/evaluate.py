@@ -41,6 +41,7 @@ from sm_eval.plan import SplitPlan, read_split_plan, sample_pairs
 from sm_eval.report import (
     build_report,
     model_results,
+    non_finite_words,
     predictions_table,
     protocol_statement,
     render_markdown,
@@ -221,6 +222,7 @@ def _report(
             "first_batch_seconds": _rounded(clocks[checkpoint.name].first_batch_seconds),
             "steady_pairs_per_second": _rounded(clocks[checkpoint.name].steady_pairs_per_second()),
             "results": model_results(records[checkpoint.name], request.alphas, request.rule),
+            "non_finite_predictions": non_finite_count(records[checkpoint.name]),
         }
         for checkpoint in checkpoints
     ]
@@ -241,6 +243,14 @@ def _report(
     files = {"predictions": PREDICTIONS, "report_md": REPORT_MD, "pck_curve": PCK_CURVE, "matches": match_files}
     protocol = protocol_statement(request.rule, plan.threshold_kinds, request.frame)
     return build_report(data=data, protocol=protocol, alphas=request.alphas, models=models, run=run, files=files)
+
+
+def non_finite_count(records: KeypointRecords) -> int:
+    """Predictions that are not finite numbers: a broken model's, never a silent 0 %."""
+    count = int(np.count_nonzero(~(np.isfinite(records.pred_x) & np.isfinite(records.pred_y))))
+    if count:
+        log.warning("%s", non_finite_words(count, len(records.pred_x)))
+    return count
 
 
 def _rounded(value: float | None) -> float | None:

@@ -112,17 +112,27 @@ def _polyline(
 # ---- matches -----------------------------------------------------------------------------------
 
 
+MAX_PANEL_ASPECT = 4
+"""The widest an image is drawn beside the other, as a multiple of the picture's height."""
+
+
 def _side_by_side(
     src_image: np.ndarray, trg_image: np.ndarray, height: int, caption: str, footer: int = 0
 ) -> tuple[Image.Image, ImageDraw.ImageDraw, Callable[[np.ndarray, int], tuple[float, float]]]:
     """A white canvas with ``caption`` on top, then source and target (``(H, W, 3)`` uint8) side by
-    side, both scaled to ``height``, and ``footer`` empty pixels below. Returns the canvas, its
+    side, both scaled to ``height`` (or to :data:`MAX_PANEL_ASPECT` times that width), and ``footer`` empty pixels below. Returns the canvas, its
     drawing context and ``place(point, side)``: the canvas position of ``point`` (original pixels,
     pixel centres at integers) of the source (``side`` 0) or the target (1)."""
     header, gap = 26, 8
-    scales = (height / src_image.shape[0], height / trg_image.shape[0])
+    # An image wider than MAX_PANEL_ASPECT : 1 is scaled to that width instead (less tall), so the
+    # canvas stays bounded whatever the image's shape (an 80,000,000 x 1 image included).
+    scales = tuple(
+        min(height / image.shape[0], MAX_PANEL_ASPECT * height / image.shape[1]) for image in (src_image, trg_image)
+    )
     src, trg = (
-        Image.fromarray(image).resize((max(1, round(image.shape[1] * scale)), height), Image.BILINEAR)
+        Image.fromarray(image).resize(
+            (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale))), Image.BILINEAR
+        )
         for image, scale in zip((src_image, trg_image), scales)
     )
     canvas = Image.new("RGB", (src.width + gap + trg.width, header + height + footer), "white")

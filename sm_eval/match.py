@@ -477,6 +477,16 @@ def matches_json(document: dict[str, Any]) -> str:
     return f'{head[:-2]},\n "matches": [\n{rows}\n ]\n}}\n'
 
 
+def check_finite_result(result: MatchResult, model_name: str) -> None:
+    """A ValueError naming the model when any match is not a finite number (a broken model's
+    NaN), rather than matches and a "mean score nan" that look like results."""
+    broken = ~(np.isfinite(result.target_points).all(axis=1) & np.isfinite(result.scores))
+    if broken.any():
+        raise ValueError(
+            f"model {model_name} predicted NaN or infinite matches for {int(broken.sum())} of {len(result)} points"
+        )
+
+
 def write_matches(
     out: Location,
     result: MatchResult,
@@ -662,6 +672,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 model, src_image, trg_image, points, device=device, autocast_dtype=DTYPES[args.dtype],
                 chunk_size=args.chunk_size,
             )  # fmt: skip
+            check_finite_result(result, checkpoint.name)
             paths = write_matches(
                 out, result, src_image, trg_image, model_name=checkpoint.name, model_source=checkpoint.source,
                 source_path=args.source, target_path=args.target,

@@ -210,7 +210,14 @@ def _data_lines(data: Mapping[str, Any], models: Sequence[Mapping[str, Any]]) ->
             f"- `{model['name']}`: `{model['checkpoint']}` ({model['kind']} on {config.get('backbone')}, "
             f"{model['image_size']} px input, {model['localizer']} localizer)"
         )
+        if model.get("non_finite_predictions"):
+            lines[-1] += f". **{non_finite_words(model['non_finite_predictions'], data['keypoints'])}**"
     return lines
+
+
+def non_finite_words(count: int, keypoints: int) -> str:
+    """How the report states a model's predictions that are not finite numbers."""
+    return f"{count:,} of {keypoints:,} predictions are NaN or infinite (counted as misses)"
 
 
 def _model_frames(models: Sequence[Mapping[str, Any]]) -> list[tuple[Mapping[str, Any], str, Mapping[str, Any]]]:

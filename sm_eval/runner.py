@@ -241,15 +241,16 @@ def _run_ray(
                 except StopIteration:
                     pending.remove(generator)
                     continue
-                yield _get(ray, ref)
+                yield _get(ray, ref, checkpoint.name)
     finally:
         for generator in pending:
             ray.cancel(generator, force=True)
 
 
-def _get(ray: Any, ref: Any) -> KeypointRecords:
+def _get(ray: Any, ref: Any, what: str = "the model") -> KeypointRecords:
     """``ray.get(ref)``, raising a worker's error as the worker raised it (its message names the
-    shard), with Ray's wrapper (holding the remote traceback) as its cause."""
+    shard), with Ray's wrapper (holding the remote traceback) as its cause; a worker lost for good
+    (killed, out of memory, its node gone, after Ray's retries) as a ``RuntimeError`` saying so."""
     try:
         return ray.get(ref)
     except ray.exceptions.RayTaskError as error:
@@ -257,6 +258,12 @@ def _get(ray: Any, ref: Any) -> KeypointRecords:
         if isinstance(cause, Exception):
             raise cause from error
         raise
+    except ray.exceptions.RayError as error:
+        reason = (str(error).strip().splitlines() or [""])[0][:200]
+        raise RuntimeError(
+            f"a Ray worker evaluating {what} was lost after Ray's retries ({type(error).__name__}: {reason}); "
+            "nothing was written to --out: run the same command again"
+        ) from error
 
 
 def _check_resources(resources: Mapping[str, float], cpus: float, gpus: float) -> None:

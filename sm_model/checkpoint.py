@@ -123,7 +123,27 @@ def read_checkpoint(source: Source, name: str | None = None) -> dict[str, Any]:
             f"{name} is not a {CHECKPOINT_FORMAT} checkpoint (save_checkpoint writes one; a released file "
             "loads through sm_model.factory.create_model or sm_model.released.load_released)"
         )
+    _check_document(checkpoint, name)
     return checkpoint
+
+
+def _check_document(checkpoint: dict[str, Any], name: str) -> None:
+    """A ValueError naming ``name`` unless the checkpoint holds a config mapping, a
+    ``trainable_only`` flag and a state dict of names to tensors."""
+    config, state = checkpoint.get("config"), checkpoint.get("state_dict")
+    problem = None
+    if not isinstance(config, dict):
+        problem = f"its config is {'missing' if config is None else f'a {type(config).__name__}, not a mapping'}"
+    elif not isinstance(checkpoint.get("trainable_only"), bool):
+        problem = "its trainable_only flag is missing or not true/false"
+    elif not isinstance(state, dict):
+        problem = f"its state_dict is {'missing' if state is None else f'a {type(state).__name__}, not a mapping'}"
+    else:
+        wrong = next((key for key, value in state.items() if not isinstance(key, str) or not isinstance(value, torch.Tensor)), None)
+        if wrong is not None:
+            problem = f"its state_dict entry {str(wrong)[:80]!r} is not a tensor under a name"
+    if problem:
+        raise ValueError(f"{name} is a {checkpoint['format']} checkpoint, but {problem}")
 
 
 def saved_config(checkpoint: dict[str, Any], name: str = "checkpoint") -> ModelConfig:

@@ -41,6 +41,21 @@ POSITIVE = Bound("a finite number above 0", lambda value: math.isfinite(value) a
 NON_NEGATIVE = Bound("a finite number, at least 0", lambda value: math.isfinite(value) and value >= 0)
 
 
+def between(low: int, high: int) -> Bound:
+    """An integer range: sizes are checked against it before anything is allocated."""
+    return Bound(f"between {low} and {high:,}", lambda value: low <= value <= high)
+
+
+MAX_IMAGE_SIZE = 4096
+"""The largest network input side: at 4096 a ViT-B/14 attends over 85,000 tokens per image."""
+MAX_CHANNELS = 8192
+"""The widest layer a config may ask for (decoder channels, LoRA rank)."""
+MAX_BLOCKS = 64
+"""The most transformer blocks a config may fine-tune (a ViT-G has 40)."""
+MAX_WINDOW = 1024
+"""The widest localization window, in cells."""
+
+
 class OutOfRange(ValueError):
     """A field's value outside its range; the message starts with the field's name, which
     :func:`from_dict` turns into the dotted key (``train.batch_size must be ...``)."""
@@ -54,7 +69,7 @@ def require(config: Any, names: str, bound: Bound) -> None:
         value = getattr(config, name)
         for item in value if isinstance(value, tuple) else (value,):
             if item is not None and not bound.holds(item):
-                raise OutOfRange(f"{name} must be {bound.words}, got {value!r}")
+                raise OutOfRange(f"{name} must be {bound.words}, got {_shown(value)}")
 
 
 @dataclass(frozen=True)
@@ -174,7 +189,10 @@ class ModelConfig:
             raise ValueError(
                 f"options of kind {self.kind!r} must be {info.options.__name__}, got {type(self.options).__name__}"
             )
-        require(self, "image_size lora_rank window_size", AT_LEAST_ONE)
+        require(self, "image_size", between(1, MAX_IMAGE_SIZE))
+        require(self, "lora_rank", between(1, MAX_CHANNELS))
+        require(self, "finetune_blocks", between(0, MAX_BLOCKS))
+        require(self, "window_size", between(1, MAX_WINDOW))
         require(self, "lora_alpha beta kernel_sigma", POSITIVE)
         check = getattr(self.options, "check", None)
         if check is not None:
@@ -247,7 +265,7 @@ def _build(cls: type, document: Any, source: str, where: str, given: Mapping[str
     """:func:`from_dict`'s body; ``given``: fields already built, not read from ``document``."""
     given = given or {}
     if not isinstance(document, Mapping):
-        raise ConfigError(f"{source}: {where or 'top level'} must be a mapping, got {document!r}")
+        raise ConfigError(f"{source}: {where or 'top level'} must be a mapping, got {_shown(document)}")
     hints = get_type_hints(cls)
     names = [f.name for f in fields(cls) if f.name not in given]
     unknown = [key for key in document if key not in names]
@@ -255,7 +273,7 @@ def _build(cls: type, document: Any, source: str, where: str, given: Mapping[str
         key = unknown[0]
         close = difflib.get_close_matches(str(key), names, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"{source}: unknown key {where + str(key)!r}{hint}; {where.rstrip('.') or 'top level'} accepts {names}")
+        raise ConfigError(f"{source}: unknown key {_shown(where + str(key))}{hint}; {where.rstrip('.') or 'top level'} accepts {names}")
     values = {}
     for name, value in document.items():
         hint = hints[name]
@@ -271,16 +289,75 @@ def _build(cls: type, document: Any, source: str, where: str, given: Mapping[str
         raise ConfigError(f"{source}: {where.rstrip('.') or 'top level'}: {error}") from None
 
 
+MAX_YAML_BYTES = 1 << 20
+"""The largest YAML config or value read (:func:`load_yaml`): configs are a few kB."""
+MAX_YAML_VALUES = 100_000
+"""The most values a YAML document may build, aliases expanded: a 500-byte alias bomb builds billions."""
+MAX_YAML_DEPTH = 50
+"""The deepest nesting of a YAML document (configs nest three levels)."""
+
+
+def load_yaml(text: str | bytes, source: str) -> Any:
+    """``yaml.safe_load(text)`` within bounds: at most :data:`MAX_YAML_BYTES`, and a document that
+    would build at most :data:`MAX_YAML_VALUES` values with aliases expanded, nested at most
+    :data:`MAX_YAML_DEPTH` deep, both counted on the parsed node graph before anything is built.
+    A ``ConfigError`` naming ``source`` otherwise, as for text that is not YAML."""
+    if len(text) > MAX_YAML_BYTES:
+        raise ConfigError(f"{source}: {len(text):,} bytes, more than a config may hold ({MAX_YAML_BYTES:,})")
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        values, depth = _node_extent(node)
+        if values > MAX_YAML_VALUES:
+            raise ConfigError(
+                f"{source}: the YAML expands to more than {MAX_YAML_VALUES:,} values (aliases included), "
+                "more than a config may hold"
+            )
+        if depth > MAX_YAML_DEPTH:
+            raise ConfigError(f"{source}: the YAML nests {depth} levels deep, more than {MAX_YAML_DEPTH}")
+        return loader.construct_document(node)
+    except RecursionError:
+        raise ConfigError(f"{source}: the YAML nests deeper than {MAX_YAML_DEPTH} levels") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{source}: not valid YAML: {error}") from None
+    finally:
+        loader.dispose()
+
+
+def _node_extent(root: yaml.Node) -> tuple[int, int]:
+    """(values built, nesting depth) of a composed YAML node graph; an alias is a second reference
+    to the same node, so each node is measured once and counted at every reference."""
+    extent: dict[int, tuple[int, int]] = {}
+    pending: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while pending:  # iterative post-order: the graph may be deep
+        node, children_done = pending.pop()
+        if id(node) in extent:
+            continue
+        if isinstance(node, yaml.ScalarNode):
+            extent[id(node)] = (1, 0)
+            continue
+        children = [item for pair in node.value for item in pair] if isinstance(node, yaml.MappingNode) else node.value
+        if not children_done:
+            pending.append((node, True))
+            pending.extend((child, False) for child in children if id(child) not in extent)
+            continue
+        sizes = [extent.get(id(child), (0, 0)) for child in children]
+        extent[id(node)] = (
+            min(1 + sum(size for size, _ in sizes), MAX_YAML_VALUES + 1),
+            1 + max((depth for _, depth in sizes), default=0),
+        )
+    return extent[id(root)]
+
+
 def parse_override(text: str, what: str = "override", form: str = "section.key=value") -> tuple[str, Any]:
     """``"optim.lr=1e-4"`` -> ``("optim.lr", 0.0001)``: a ``key=value`` assignment, the value
     parsed as YAML. A ``ConfigError`` names ``what`` it is and the ``form`` expected otherwise."""
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"{what} {text!r} is not of the form {form}")
-    try:
-        return key.strip(), yaml.safe_load(value)
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{what} {text!r}: value is not valid YAML: {error}") from None
+        raise ConfigError(f"{what} {_shown(text)} is not of the form {form}")
+    return key.strip(), load_yaml(value, f"{what} {_shown(text)}")
 
 
 def replace_fields(config: Any, overrides: Mapping[str, Any], source: str) -> Any:
@@ -318,40 +395,40 @@ def _coerce(value: Any, hint: Any, source: str, key: str) -> Any:
                 return _coerce(value, option, source, key)
             except ConfigError as error:
                 errors.append(str(error))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{source}: {key}={value!r} fits none of {hint}")
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{source}: {key}={_shown(value)} fits none of {hint}")
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"{source}: {key}={value!r} is not one of {list(args)}")
+            raise ConfigError(f"{source}: {key}={_shown(value)} is not one of {list(args)}")
         return value
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{source}: {key} must be a list, got {value!r}")
+            raise ConfigError(f"{source}: {key} must be a list, got {_shown(value)}")
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_coerce(v, args[0], source, f"{key}[{i}]") for i, v in enumerate(value))
         if len(value) != len(args):
-            raise ConfigError(f"{source}: {key} must have {len(args)} items, got {value!r}")
+            raise ConfigError(f"{source}: {key} must have {len(args)} items, got {_shown(value)}")
         return tuple(_coerce(v, a, source, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     if hint is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
+            raise ConfigError(f"{source}: {key} must be true or false, got {_shown(value)}")
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{source}: {key} must be an integer, got {value!r}")
+            raise ConfigError(f"{source}: {key} must be an integer, got {_shown(value)}")
         return value
     if hint is float:
         if isinstance(value, str):
             value = _float_or_none(value)  # YAML 1.1 reads "1e-4" (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{source}: {key} must be a number, got {value!r}")
+            raise ConfigError(f"{source}: {key} must be a number, got {_shown(value)}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{source}: {key} must be a string, got {value!r}")
+            raise ConfigError(f"{source}: {key} must be a string, got {_shown(value)}")
         return value
     if hint is type(None):
         if value is not None:
-            raise ConfigError(f"{source}: {key} must be null, got {value!r}")
+            raise ConfigError(f"{source}: {key} must be null, got {_shown(value)}")
         return None
     raise ConfigError(f"{source}: {key} has an unsupported type {hint}")
 

@@ -93,7 +93,9 @@ def create_model(
 
 
 def _zero_shot(spec: str, backbone_weights: str | Path | None, overrides: dict[str, Any]) -> MatchModel:
-    weights = "hub" if backbone_weights is None else None if backbone_weights == RANDOM_WEIGHTS else str(backbone_weights)
+    weights = (
+        "hub" if backbone_weights is None else None if backbone_weights == RANDOM_WEIGHTS else str(backbone_weights)
+    )
     config = zero_shot_config(spec)
     config = replace_fields(config, {"weights": weights, **overrides}, f"{spec} with {overrides}")
     with torch.random.fork_rng(devices=[]):

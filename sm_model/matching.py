@@ -11,6 +11,7 @@ with their validity mask), ``C`` channels, ``h x w`` the target feature map.
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import torch
@@ -95,11 +96,19 @@ def match_keypoints(
     window soft-argmax by 0.1 cell on average. The backbone and decoder may still run in bfloat16;
     only their output maps are cast (gradients flow back through the cast)."""
     compute_dtype = torch.promote_types(src_map.dtype, torch.float32)
-    with torch.autocast(src_map.device.type, enabled=False):
+    with without_autocast(src_map.device.type):
         src_map, trg_map = src_map.to(compute_dtype), trg_map.to(compute_dtype)
         keypoint_features = sample_keypoint_features(src_map, src_kps, stride, sampling, convention)
         scores = cosine_similarity(keypoint_features, trg_map)  # [B, N, h, w]
         return Matches(cells_to_pixels(localize(scores, localization), stride, convention), scores, stride)
+
+
+def without_autocast(device_type: str) -> contextlib.AbstractContextManager:
+    """A block with autocast off on ``device_type``, in every autocast state: a device type with no
+    autocast at all (the meta device, where FLOPs are counted) cannot even be asked to disable it."""
+    if not torch.amp.is_autocast_available(device_type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
 
 
 def _sample_bilinear(feature_map: Tensor, cells: Tensor) -> Tensor:

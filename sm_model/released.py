@@ -36,7 +36,10 @@ def released_state(source: str | Path | bytes, name: str | None = None) -> dict[
 
 
 def load_released(
-    path: Released, config: ModelConfig | None = None, backbone_weights: str | Path | None = None, name: str | None = None
+    path: Released,
+    config: ModelConfig | None = None,
+    backbone_weights: str | Path | None = None,
+    name: str | None = None,
 ) -> MatchModel:
     """The model of a released file (``path``: a file, its bytes, or its state dict), on the CPU
     in training mode as any new module, loaded strictly.
@@ -45,7 +48,13 @@ def load_released(
     settings it was trained with (e.g. a shipped config's ``model:`` section; its architecture is
     read from the file's keys), and for the DINOv2 LoRA layout ``backbone_weights``, the frozen
     backbone's pretrained file (else ``config.weights``); see :func:`sm_model.official.official_model`."""
-    name = name or ("released file bytes" if isinstance(path, bytes) else "released state" if isinstance(path, Mapping) else str(path))
+    name = name or (
+        "released file bytes"
+        if isinstance(path, bytes)
+        else "released state"
+        if isinstance(path, Mapping)
+        else str(path)
+    )
     state = dict(path) if isinstance(path, Mapping) else released_state(path, name)
     if config is None:
         raise ValueError(

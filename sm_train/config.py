@@ -29,6 +29,7 @@ from sm_model.config import (
     ModelConfig,
     OutOfRange,
     from_dict,
+    load_yaml,
     model_kinds,
     parse_override,
     require,
@@ -295,11 +296,9 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     document: dict[str, Any] = {}
     if path is not None:
         try:
-            document = yaml.safe_load(Path(path).read_text()) or {}
+            document = load_yaml(Path(path).read_bytes(), str(path)) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist") from None
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: not valid YAML: {error}") from None
         if not isinstance(document, dict):
             raise ConfigError(f"{path}: expected a mapping of sections, got {type(document).__name__}")
     for override in overrides:

@@ -37,8 +37,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from pipelines.storage import arrow_filesystem
 from sm_eval.report import markdown_table
 from sm_train.config import (
@@ -50,6 +48,7 @@ from sm_train.config import (
     dump_yaml,
     from_dict,
     load_config,
+    load_yaml,
     parse_override,
     resolve_paths,
     set_dotted,
@@ -80,7 +79,7 @@ def load_space(path: str | Path, base: TrainConfig) -> SweepSpec:
     """Read and check a search-space YAML against ``base``: unknown keys, unknown samplers and
     values that do not fit the config are errors naming the file and key."""
     try:
-        document = yaml.safe_load(Path(path).read_text()) or {}
+        document = load_yaml(Path(path).read_bytes(), f"search space {path}") or {}
     except FileNotFoundError:
         raise ConfigError(f"search space {path} does not exist") from None
     unknown = set(document) - {"space", "asha", "overrides"}

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 
 import pytest
 import torch
 
 from sm_model.localizers import Localization, dense_soft_argmax, localize, window_soft_argmax
-from sm_model.matching import cosine_similarity, sample_keypoint_features
+from sm_model.matching import cosine_similarity, match_keypoints, sample_keypoint_features
 from sm_model.pixels import cells_to_pixels, pixels_to_cells
 
 LOW = -1.0  # the lowest cosine: exp((LOW - 1) / 0.02) underflows to 0 in float32
@@ -297,3 +299,22 @@ def test_localization_stays_float32_under_bfloat16_autocast() -> None:
             cells = localize(scores, Localization("window", 0.02, window))
             assert cells.dtype == torch.float32
             assert cells[0, 0].tolist() == [200.5, 0.0]
+
+
+@pytest.mark.parametrize("state", ["meta device", "cpu float32 autocast", "cpu bfloat16 autocast"])
+def test_matching_runs_in_float32_in_every_autocast_state(state: str) -> None:
+    """The float32 island must not ask a device without autocast to disable it (the meta device,
+    where benchmarks/bench_model.py counts FLOPs, raised "unsupported scalarType")."""
+    device = "meta" if state == "meta device" else "cpu"
+    maps = torch.randn(1, 8, 5, 5, device=device)
+    kps = torch.tensor([[[3.0, 4.0], [10.0, 2.0]]], device=device)
+    context = (
+        torch.autocast("cpu", dtype=torch.bfloat16 if "bfloat16" in state else torch.float32)
+        if "autocast" in state
+        else contextlib.nullcontext()
+    )
+    with warnings.catch_warnings(), context:
+        warnings.simplefilter("ignore")  # CPU autocast warns that it does not take float32
+        matches = match_keypoints(maps.bfloat16(), maps.bfloat16(), kps, 4, Localization("window", 0.02, 3, 7.0))
+    assert matches.points.dtype == matches.scores.dtype == torch.float32
+    assert matches.points.device.type == device

@@ -251,7 +251,7 @@ def test_cli_refuses_a_bad_value_in_one_line(capsys: pytest.CaptureFixture) -> N
 
 
 def test_model_config_checks_its_own_ranges() -> None:
-    with pytest.raises(ValueError, match=r"image_size must be at least 1, got 0"):
+    with pytest.raises(ValueError, match=r"image_size must be between 1 and 4,096, got 0"):
         ModelConfig(image_size=0)
     with pytest.raises(ConfigError, match=r"checkpoint x: model\.lora_alpha must be a finite number above 0, got inf"):
         from_dict(TrainConfig, {"model": {"lora_alpha": float("inf")}}, "checkpoint x")

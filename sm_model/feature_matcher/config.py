@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-from sm_model.config import POSITIVE, Bound, register_kind, require
+from sm_model.config import MAX_WINDOW, POSITIVE, Bound, between, register_kind, require
 
 if TYPE_CHECKING:
     from sm_model.config import ModelConfig
@@ -40,4 +40,5 @@ class BaselineOptions:
 
     def __post_init__(self) -> None:
         require(self, "loss_temperature", POSITIVE)
-        require(self, "target_window", Bound("an odd number of cells, at least 1", lambda value: value % 2 == 1))
+        require(self, "target_window", between(1, MAX_WINDOW))
+        require(self, "target_window", Bound("an odd number of cells", lambda value: value % 2 == 1))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from sm_model.config import AT_LEAST_ONE, NON_NEGATIVE, Bound, register_kind, require
+from sm_model.config import MAX_CHANNELS, MAX_WINDOW, NON_NEGATIVE, Bound, between, register_kind, require
 
 
 @register_kind("simplematch", model="sm_model.simplematch.model:SimpleMatch", localizer="window")
@@ -26,6 +26,7 @@ class SimpleMatchOptions:
     coarse_window_sizes: tuple[int | None, int | None] = (None, 15)
 
     def __post_init__(self) -> None:
-        require(self, "decoder_channels coarse_window_sizes", AT_LEAST_ONE)
+        require(self, "decoder_channels", between(1, MAX_CHANNELS))
+        require(self, "coarse_window_sizes", between(1, MAX_WINDOW))
         require(self, "scale_weights", NON_NEGATIVE)
         require(self, "decoder_dropout", Bound("in [0, 1)", lambda value: 0 <= value < 1))

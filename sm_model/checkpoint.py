@@ -139,7 +139,8 @@ def _check_document(checkpoint: dict[str, Any], name: str) -> None:
     elif not isinstance(state, dict):
         problem = f"its state_dict is {'missing' if state is None else f'a {type(state).__name__}, not a mapping'}"
     else:
-        wrong = next((key for key, value in state.items() if not isinstance(key, str) or not isinstance(value, torch.Tensor)), None)
+        tensors_by_name = (isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in state.items())
+        wrong = next((key for key, ok in zip(state, tensors_by_name) if not ok), None)
         if wrong is not None:
             problem = f"its state_dict entry {str(wrong)[:80]!r} is not a tensor under a name"
     if problem:
@@ -168,7 +169,11 @@ def legacy_config(document: dict[str, Any]) -> dict[str, Any]:
         for f in fields(info.options)
         if f.name not in own
     }
-    return {key: value for key, value in document.items() if key not in defaults or plain_value(value) != plain_value(defaults[key])}
+    return {
+        key: value
+        for key, value in document.items()
+        if key not in defaults or plain_value(value) != plain_value(defaults[key])
+    }
 
 
 def load_checkpoint(model: MatchModel, source: Source, name: str | None = None) -> None:

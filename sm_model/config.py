@@ -220,13 +220,13 @@ class ModelConfig:
         if section is not None and not isinstance(section, Mapping):
             raise ConfigError(f"{source}: {where}{kind} must be a mapping of {kind} options, got {_shown(section)}")
         shared = {f.name for f in fields(cls)} - {"options"}
-        own = {f.name for f in fields(info.options)}
+        own = _field_names(info.options)
         flat = {}
         for key in [key for key in document if key not in shared]:
             if key in own:
                 flat[key] = document.pop(key)
                 continue
-            owner = key if key in kinds else next((k for k, i in kinds.items() if key in {f.name for f in fields(i.options)}), None)
+            owner = key if key in kinds else next((k for k, i in kinds.items() if key in _field_names(i.options)), None)
             if owner is not None:
                 what = f"the section of kind {owner!r}" if key == owner else f"an option of kind {owner!r}"
                 raise ConfigError(f"{source}: {where}{key} is {what}, but the model's kind is {kind!r}")
@@ -242,6 +242,10 @@ class ModelConfig:
 
 class ConfigError(ValueError):
     """A configuration that does not fit its typed config; the message names the source and key."""
+
+
+def _field_names(cls: type) -> set[str]:
+    return {f.name for f in fields(cls)}
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -175,6 +175,7 @@ def _resized_like(x: Tensor, reference: Tensor) -> Tensor:
 def build_decoder(cfg: ModelConfig, backbone_channels: tuple[int, ...]) -> ViTDecoder | ResNetDecoder:
     """The decoder for a backbone with ``backbone_channels`` (finest first): one level is a ViT,
     four levels a ResNet."""
+    options = cfg.options
     if len(backbone_channels) == 1:
-        return ViTDecoder(backbone_channels[0], cfg.options.decoder_channels, cfg.options.decoder_dropout, cfg.options.multiscale)
-    return ResNetDecoder(backbone_channels, cfg.options.decoder_channels, cfg.options.multiscale)
+        return ViTDecoder(backbone_channels[0], options.decoder_channels, options.decoder_dropout, options.multiscale)
+    return ResNetDecoder(backbone_channels, options.decoder_channels, options.multiscale)

@@ -1,6 +1,8 @@
-"""SimpleMatch training memory and inference speed, each beside its baseline in one run.
+"""SimpleMatch training memory and inference speed, each beside its baseline in one run; with
+``--kind vitsc``, ViTSC's beside SimpleMatch's.
 
     .venv/bin/python benchmarks/bench_model.py [--quick] [--device cpu|cuda] [--dtype float32|bfloat16]
+    .venv/bin/python benchmarks/bench_model.py --kind vitsc [--quick] [--device cpu|cuda] [--dtype ...]
 
 Random weights throughout (``weights=None``); the official DINOv2 ViT-B/14 LoRA config.
 
@@ -33,6 +35,13 @@ Random weights throughout (``weights=None``); the official DINOv2 ViT-B/14 LoRA 
    prints the forward FLOPs of the full model per decoder width (meta device, nothing computed).
 3. With ``--device cuda``: the same at 252 and 448; add ``--dtype bfloat16`` for bfloat16 autocast.
 
+``--kind vitsc`` (instead of 1-3): ViTSC (``kind: vitsc``, the paper's architecture: DINOv2-B/14,
+last 4 blocks trainable, final LayerNorm, one cross-perception layer, the C_low-guided upsampler)
+at 224 and 448 beside SimpleMatch (the released ViT-B/14 LoRA config) at 252: for each, in a
+fresh process, the peak memory of one training step (forward + the kind's loss + backward, as in
+1.) and the inference pairs/s and forward GFLOPs per pair (as in 2.). ``--quick``: ViT-S/14 at 56
+and 112 beside the quick SimpleMatch at 56, batch 2.
+
 In the dense modes a keypoint's row is the 1/4 cell nearest to it (the model itself samples
 bilinearly). ``--size``/``--batch`` change the memory setting (e.g. ``--size 448 --batch 2
 --only memory``): the correlation grows as (S/4)^4, the decoder's activations as (S/4)^2.
@@ -63,6 +72,7 @@ from sm_model.localizers import dense_soft_argmax, window_soft_argmax
 from sm_model.loss import keypoint_loss
 from sm_model.matching import cosine_similarity, sample_keypoint_features
 from sm_model.pixels import cells_to_pixels, pixels_to_cells
+from sm_model.registry import build_model
 from sm_model.simplematch import SimpleMatchOptions
 from sm_model.simplematch.model import SimpleMatch
 
@@ -233,6 +243,80 @@ def flops_per_width(config: ModelConfig, keypoints: int) -> list[tuple[int, floa
     return rows
 
 
+KIND_SIZES = {"simplematch": (252,), "vitsc": (224, 448)}
+"""``--kind vitsc``: the input sides measured per kind (the papers' training sides; ViTSC's 448 is
+its evaluation at the same weights)."""
+QUICK_KIND_SIZES = {"simplematch": (56,), "vitsc": (56, 112)}
+
+
+def kind_config(kind: str, size: int, quick: bool) -> ModelConfig:
+    """The config ``--kind vitsc`` measures: SimpleMatch's released ViT-B/14 LoRA config (the
+    quick one with ``--quick``) or ViTSC's paper config, at ``size``, random weights."""
+    if kind == "simplematch":
+        if quick:
+            return ModelConfig(backbone="dinov2_vits14", image_size=size, window_size=7, options=SimpleMatchOptions(decoder_channels=64))
+        return ModelConfig(image_size=size)
+    backbone = "dinov2_vits14" if quick else "dinov2_vitb14"
+    return ModelConfig(kind="vitsc", backbone=backbone, image_size=size, finetune="last_blocks", finetune_blocks=4, final_norm=True)
+
+
+def measure_kind(setup: Setup, kind: str, size: int, quick: bool, warmup: int, repeats: int) -> dict[str, float]:
+    """In this process: the training-step peak memory (MiB above the built model, as
+    :func:`measure_memory`), then the inference pairs/s and forward GFLOPs per pair of ``kind`` at ``size``."""
+    config = kind_config(kind, size, quick)
+    torch.manual_seed(0)
+    model = build_model(config).to(setup.device).train()
+    src, trg, src_kps, trg_kps, valid = setup.inputs(size)
+    baseline_rss = _current_rss_bytes()
+    if setup.device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        baseline_cuda = torch.cuda.memory_allocated()
+    with setup.autocast():
+        loss = model.loss(model(src, trg, src_kps, valid), trg_kps, valid)
+    loss.backward()
+    result = {"cpu_step_peak_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline_rss) / 2**20}
+    if setup.device == "cuda":
+        torch.cuda.synchronize()
+        result["cuda_step_peak_mib"] = (torch.cuda.max_memory_allocated() - baseline_cuda) / 2**20
+    del loss
+    model.zero_grad(set_to_none=True)
+    model.eval()
+
+    def forward() -> None:
+        with torch.no_grad(), setup.autocast():
+            model(src, trg, src_kps, valid)
+
+    result["gflops_per_pair"] = _gflops(forward) / setup.batch
+    result["pairs_per_s"] = setup.batch / _median_seconds(forward, warmup, repeats, setup.device)
+    return result
+
+
+def _kind_in_subprocess(kind: str, size: int) -> dict[str, float]:
+    """:func:`measure_kind` in a fresh interpreter with this run's options."""
+    command = [sys.executable, __file__, *sys.argv[1:], "--measure-kind", f"{kind}:{size}"]
+    completed = subprocess.run(command, check=True, capture_output=True, text=True)
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def _report_kinds(setup: Setup, quick: bool, warmup: int, repeats: int) -> None:
+    sizes = QUICK_KIND_SIZES if quick else KIND_SIZES
+    print(
+        f"\nViTSC beside SimpleMatch: one training step's peak memory (MiB above the built model), inference pairs/s "
+        f"(eval, no grad, median of {repeats} after {warmup} warm-up) and forward GFLOPs per pair; a process per row"
+    )
+    memory_keys = ["cpu_step_peak_mib"] + (["cuda_step_peak_mib"] if setup.device == "cuda" else [])
+    header = "".join(f"{key:>20}" for key in memory_keys)
+    print(f"   {'model':<44}{'size':>5}{header}{'pairs/s':>10}{'GFLOPs':>9}")
+    for kind in ("simplematch", "vitsc"):
+        for size in sizes[kind]:
+            config = kind_config(kind, size, quick)
+            name = f"{kind} ({config.backbone}, {config.finetune})"
+            r = _kind_in_subprocess(kind, size)
+            memory = "".join(f"{r[key]:20.1f}" for key in memory_keys)
+            print(f"   {name:<44}{size:5d}{memory}{r['pairs_per_s']:10.2f}{r['gflops_per_pair']:9.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: ViT-S/14 at 56 px, 64 channels, batch 2")
@@ -245,7 +329,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--only", choices=("memory", "speed"), help="run one of the two measurements")
+    parser.add_argument(
+        "--kind", choices=("simplematch", "vitsc"), default="simplematch",
+        help="vitsc: ViTSC at 224 and 448 beside SimpleMatch at 252 (memory and speed) instead of 1-3",
+    )
     parser.add_argument("--measure-memory", choices=MEMORY_MODES, help=argparse.SUPPRESS)
+    parser.add_argument("--measure-kind", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -259,6 +348,14 @@ def main() -> None:
 
     if args.measure_memory:
         print(json.dumps(measure_memory(setup, args.measure_memory)))
+        return
+    if args.measure_kind:
+        kind, _, size = args.measure_kind.partition(":")
+        print(json.dumps(measure_kind(setup, kind, int(size), args.quick, warmup, repeats)))
+        return
+    if args.kind == "vitsc":
+        print(f"batch {batch}, {args.keypoints} keypoints, device {args.device}, {args.dtype}, {torch.get_num_threads()} threads")
+        _report_kinds(setup, args.quick, warmup, repeats)
         return
 
     print(

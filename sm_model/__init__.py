@@ -13,6 +13,7 @@ is the front door. The package imports no data pipeline.
 :mod:`sm_model.matcher`               the contract of every kind: encode once, match any points
 :mod:`sm_model.simplematch`           SimpleMatch (kind ``simplematch``): options, decoder, model
 :mod:`sm_model.feature_matcher`       matching on backbone features (kinds ``zero-shot``, ``baseline``)
+:mod:`sm_model.vitsc`                 ViTSC (kind ``vitsc``): options, cross-perception, L-Encoder, upsampler, losses, model
 :mod:`sm_model.registry`              ``build_model``, zero-shot specs
 :mod:`sm_model.factory`               ``create_model``: any model from a config, a file or a name
 :mod:`sm_model.checkpoint`            the checkpoint file format: save, read, load strictly

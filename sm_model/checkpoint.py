@@ -56,6 +56,13 @@ def architecture(config: ModelConfig) -> dict[str, Any]:
     return shared | {f"{config.kind}.{name}": getattr(config.options, name) for name in config.options.ARCHITECTURE}
 
 
+def weight_file_options(config: ModelConfig) -> tuple[str, ...]:
+    """The options of ``config``'s kind that name pretrained weights of a part every checkpoint
+    holds in full (``WEIGHT_FILES``, e.g. ViTSC's ``low_weights``): loading a checkpoint sets them
+    to ``None`` (the file is not read; its weights come from the checkpoint)."""
+    return tuple(getattr(config.options, "WEIGHT_FILES", ()))
+
+
 def trainable_state_keys(model: nn.Module) -> set[str]:
     """The ``state_dict`` keys a trainable-only checkpoint holds: every parameter with
     ``requires_grad``, plus the persistent buffers of every module that directly owns such a
@@ -195,7 +202,8 @@ def load_model(source: Source, name: str | None = None, **overrides: Any) -> Mat
     A full checkpoint holds every weight, so the model is built on the meta device (no random
     initialisation: seconds for a ViT-B) with ``weights=None`` and filled from the file. A
     trainable-only one builds its frozen backbone from the saved ``weights`` (pass ``weights=``
-    where that file lives elsewhere), then loads the trainable part."""
+    where that file lives elsewhere), then loads the trainable part. Either way a kind's weight
+    files of fully trained parts (:func:`weight_file_options`: ViTSC's ``low_weights``) are not read."""
     name = name or (str(source) if not isinstance(source, bytes) else "checkpoint bytes")
     return model_from_checkpoint(read_checkpoint(source, name), name, overrides)
 
@@ -204,6 +212,8 @@ def model_from_checkpoint(checkpoint: dict[str, Any], name: str, overrides: dict
     """:func:`load_model` of a checkpoint already read (:func:`read_checkpoint`)."""
     overrides = dict(overrides or {})
     config = saved_config(checkpoint, name)
+    # Weight files of parts every checkpoint holds in full (a kind's WEIGHT_FILES options) are never read.
+    overrides = {f"{config.kind}.{option}": None for option in weight_file_options(config)} | overrides
     if not checkpoint["trainable_only"]:
         overrides = {"weights": None, **overrides}
     config = replace_fields(config, overrides, f"{name} with {overrides}") if overrides else config

@@ -77,40 +77,46 @@ class KindInfo:
     """A registered model kind (:func:`register_kind`): ``options``, the dataclass of its config
     section; ``model``, where its model class is (``"module:Class"``, imported when a model is
     built, so that configs load without torch); ``localizer``, its own localizer; ``trains``,
-    whether it has anything to train."""
+    whether it has anything to train; ``defaults``, the kind's own values of shared fields
+    (a config that names the kind and leaves them out gets these: :meth:`ModelConfig.of_kind`)."""
 
     name: str
     options: type
     model: str
     localizer: Localizer
     trains: bool
+    defaults: Mapping[str, Any]
 
 
 KINDS: dict[str, KindInfo] = {}
 """Every registered model kind by name; read it through :func:`model_kinds`."""
-KIND_PACKAGES = ("sm_model.simplematch", "sm_model.feature_matcher")
+KIND_PACKAGES = ("sm_model.simplematch", "sm_model.feature_matcher", "sm_model.vitsc")
 """The packages whose import registers the kinds (their ``config`` modules; no torch)."""
 
 
-def register_kind(name: str, *, model: str, localizer: Localizer, trains: bool = True) -> Callable[[type], type]:
+def register_kind(
+    name: str, *, model: str, localizer: Localizer, trains: bool = True, defaults: Mapping[str, Any] | None = None
+) -> Callable[[type], type]:
     """Class decorator for a kind's options dataclass, next to the kind: it registers ``name``
-    with its config section (the decorated class), its model class (``"module:Class"``) and its
-    localizer, as timm's ``register_model`` registers a model where it is defined."""
+    with its config section (the decorated class), its model class (``"module:Class"``), its
+    localizer and its ``defaults`` of shared fields (e.g. its paper's backbone and input size), as
+    timm's ``register_model`` registers a model where it is defined."""
 
     def register(options: type) -> type:
         if name in KINDS and KINDS[name].options is not options:
             raise ValueError(f"model kind {name!r} is registered twice")
-        KINDS[name] = KindInfo(name, options, model, localizer, trains)
+        KINDS[name] = KindInfo(name, options, model, localizer, trains, dict(defaults or {}))
         return options
 
     return register
 
 
 def model_kinds() -> dict[str, KindInfo]:
-    """Every registered model kind, :data:`KIND_PACKAGES` imported first."""
+    """Every registered model kind by name, in name order (whichever was imported first),
+    :data:`KIND_PACKAGES` imported first."""
     for package in KIND_PACKAGES:
         importlib.import_module(package)
-    return KINDS
+    return dict(sorted(KINDS.items()))
 
 
 def kind_info(kind: str) -> KindInfo:
@@ -132,7 +138,9 @@ class ModelConfig:
           backbone: dinov2_vitb14
           simplematch: {decoder_channels: 768, multiscale: false}
 
-    A key of another kind's section is an error naming both kinds. The flat layout of configs and
+    A key of another kind's section is an error naming both kinds. A shared field the document
+    leaves out takes the kind's registered default where it has one (ViTSC: DINOv2-B/14 at 224),
+    else the default below. The flat layout of configs and
     checkpoints written before kinds had sections (``decoder_channels: 768`` beside ``backbone``)
     still loads: a flat key of the kind's own section moves into it.
 
@@ -204,6 +212,13 @@ class ModelConfig:
         return self.localizer or kind_info(self.kind).localizer
 
     @classmethod
+    def of_kind(cls, kind: str, **fields: Any) -> ModelConfig:
+        """The config of a ``kind`` model: its registered defaults of shared fields, then
+        ``fields`` (``options`` included). ``ModelConfig(kind=...)`` takes the shared defaults
+        (SimpleMatch's) instead."""
+        return cls(**{"kind": kind, **kind_info(kind).defaults, **fields})
+
+    @classmethod
     def from_document(cls, document: Any, source: str, where: str = "") -> ModelConfig:
         """:func:`from_dict` for a model config: the kind's section read as its options (a flat
         key of that section moved into it, the earlier layout), a key of another kind's section
@@ -216,6 +231,7 @@ class ModelConfig:
         if not isinstance(kind, str) or kind not in kinds:
             raise ConfigError(f"{source}: {where}kind={_shown(kind)} is not one of {list(kinds)}")
         info = kinds[kind]
+        document = {**info.defaults, **document}
         section = document.pop(kind, None)
         if section is not None and not isinstance(section, Mapping):
             raise ConfigError(f"{source}: {where}{kind} must be a mapping of {kind} options, got {_shown(section)}")

@@ -346,10 +346,15 @@ def resolve_paths(config: TrainConfig, base: Path) -> TrainConfig:
     def absolute(path: str) -> str:
         return path if "://" in path else str((base / path).resolve())
 
-    weights = config.model.weights
+    def weights_path(weights: str | None) -> str | None:
+        return weights if weights in (None, "hub") else absolute(weights)
+
+    model = config.model
+    weight_files = getattr(model.options, "WEIGHT_FILES", ())  # a kind's own weight files (ViTSC's low_weights)
+    options = dataclasses.replace(model.options, **{name: weights_path(getattr(model.options, name)) for name in weight_files})
     return dataclasses.replace(
         config,
-        model=dataclasses.replace(config.model, weights=weights if weights in (None, "hub") else absolute(weights)),
+        model=dataclasses.replace(model, weights=weights_path(model.weights), options=options),
         data=dataclasses.replace(config.data, shards=absolute(config.data.shards)),
         run=dataclasses.replace(config.run, storage_path=absolute(config.run.storage_path)),
     )

@@ -21,6 +21,7 @@ from sm_model.inputs import IMAGENET_MEAN, IMAGENET_STD, InputSpec
 from sm_model.matcher import MatchModel
 from sm_model.registry import zero_shot_config
 from sm_model.simplematch import SimpleMatchOptions
+from sm_model.vitsc import VitscOptions
 from sm_train.config import load_config
 from tests.conftest import REPO_ROOT
 
@@ -46,6 +47,15 @@ KINDS = {
         finetune_blocks=2,
         final_norm=True,
         options=BaselineOptions(),
+    ),
+    "vitsc": ModelConfig(
+        kind="vitsc",
+        backbone="dinov2_vits14",
+        image_size=56,
+        finetune="last_blocks",
+        finetune_blocks=2,
+        final_norm=True,
+        options=VitscOptions(dim=32, heads=4),
     ),
 }
 
@@ -183,7 +193,7 @@ def test_each_kind_has_its_section_under_its_name() -> None:
             r"unknown key 'model\.simplematch\.decoder_chanels' \(did you mean 'decoder_channels'\?\)",
         ),
         ({"simplematch": [1, 2]}, r"model\.simplematch must be a mapping of simplematch options"),
-        ({"kind": "lpm"}, r"model\.kind='lpm' is not one of \['simplematch', 'zero-shot', 'baseline'"),
+        ({"kind": "lpm"}, r"model\.kind='lpm' is not one of \['baseline', 'simplematch', 'vitsc', 'zero-shot'\]"),
         ({"bogus": 1}, r"unknown key 'model\.bogus'"),
     ],
 )

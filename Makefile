@@ -1,5 +1,6 @@
 # make demo: set up .venv (first time only) and run the main job end to end on the bundled demo data.
-# make test: set up .venv (first time only) and run the test suite; make test-fast leaves out the end-to-end tests.
+# make test: set up .venv (first time only) and run the test suite, the browser tests included (Debian's chromium:
+# .ci/run installs it); make test-fast leaves out the end-to-end and browser tests.
 # make cluster-up / cluster-down: a one-machine Ray cluster (infra/local) whose jobs run .venv's python.
 # make lock: re-resolve requirements-lock.txt (exact versions and hashes) from pyproject.toml.
 VENV ?= .venv
@@ -46,9 +47,9 @@ venv: $(VENV)/.installed
 test: venv
 	$(PY) -m pytest -q
 
-# Everything but the end-to-end tests (Ray cluster, whole CLIs in subprocesses): a few minutes.
+# Everything but the end-to-end tests (Ray cluster, whole CLIs in subprocesses) and the browser tests: a few minutes.
 test-fast: venv
-	$(PY) -m pytest -q -m "not e2e"
+	$(PY) -m pytest -q -m "not e2e and not browser"
 
 # The demo trains afresh each time (its run directory is replaced), prints val PCK@0.1 before and
 # after training, then evaluates the best checkpoint on the test split.
@@ -70,6 +71,7 @@ bench: venv
 	$(PY) benchmarks/bench_eval.py
 	$(PY) benchmarks/bench_feed.py
 	$(PY) benchmarks/bench_match.py
+	$(PY) benchmarks/bench_viewer.py
 
 clean-demo:
 	rm -rf $(DEMO_DATA) $(DEMO_SHARDS)

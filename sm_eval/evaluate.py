@@ -348,9 +348,11 @@ def _rows_by_pair(records: KeypointRecords) -> dict[str, np.ndarray]:
     return {key: rows for key, rows in zip(unique.tolist(), np.split(order, starts[1:]))}
 
 
-def match_picture(sample: PairSample, records: KeypointRecords, alpha: float, rule: str, model: str):
+def match_picture(
+    sample: PairSample, records: KeypointRecords, alpha: float, rule: str, model: str, height: int = 320
+):
     """The match picture of one pair from its records (any frame): correctness as the report
-    counts it, positions drawn in original pixels."""
+    counts it, positions drawn in original pixels, both images ``height`` pixels tall."""
     pred = np.stack([records.pred_x, records.pred_y], axis=1).astype(np.float64)
     gt = np.stack([records.gt_x, records.gt_y], axis=1).astype(np.float64)
     correct = keypoint_hits(pred, gt, records.threshold_base.astype(np.float64), [alpha], rule)[0]
@@ -364,5 +366,5 @@ def match_picture(sample: PairSample, records: KeypointRecords, alpha: float, ru
         f"at alpha {alpha:g}"
     )
     return figures.matches_image(
-        sample.src_image, sample.trg_image, sample.src_kps[rows], pred, sample.trg_kps[rows], correct, caption
+        sample.src_image, sample.trg_image, sample.src_kps[rows], pred, sample.trg_kps[rows], correct, caption, height
     )

@@ -390,6 +390,45 @@ def match_encoded(
     )
 
 
+@torch.no_grad()
+def match_encoded_with_maps(
+    model: MatchModel, pair: EncodedPair, points: np.ndarray | Sequence[Sequence[float]]
+) -> tuple[MatchResult, np.ndarray]:
+    """:func:`match_encoded` of ``points`` in one ``match`` call (no chunks: for a few points, as a
+    click in :mod:`sm_eval.viewer` gives), plus each point's score map: ``(N, h, w)`` float32, the
+    cosine similarity of its feature with every cell of the target's finest feature map (the map the
+    model localized from, covering the whole target image; its maximum is the point's score). The
+    points and scores are those of :meth:`~sm_model.matcher.MatchModel.match_original`, computed the
+    same way (tests/test_viewer.py checks them against :func:`match_encoded`)."""
+    points = check_points(np.asarray(points, dtype=np.float64), pair.source_size, "source image")
+    device, autocast_dtype = pair.device, pair.autocast_dtype
+    spec = model.input_spec
+    src_sizes = torch.tensor([pair.source_size], dtype=torch.float32, device=device)
+    trg_sizes = torch.tensor([pair.target_size], dtype=torch.float32, device=device)
+    kps = torch.as_tensor(points, dtype=torch.float32, device=device).unsqueeze(0)
+    valid = torch.ones(kps.shape[:2], dtype=torch.bool, device=device)
+    if pair.encoded.size != spec.size:
+        raise ValueError(f"the pair was encoded at {pair.encoded.size} px but the model's input is {spec.size} px")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            finest = model.match(pair.encoded, spec.to_input_pixels(kps, src_sizes), valid)[-1]
+    finally:
+        model.train(was_training)
+    targets = spec.to_original_pixels(finest.points, trg_sizes)[0].float().cpu().numpy()
+    maps = finest.scores[0].float().cpu().numpy()
+    result = MatchResult(
+        source_points=points,
+        target_points=targets.astype(np.float64),
+        scores=maps.reshape(len(points), -1).max(axis=1).astype(np.float64),
+        source_size=pair.source_size,
+        target_size=pair.target_size,
+        model=model_summary(model),
+    )
+    return result, maps
+
+
 def match_points(
     model: MatchModel,
     src_image: np.ndarray,

@@ -65,7 +65,7 @@ def test_changed_pyproject_is_detected(copies):
     text = pyproject.read_text()
     # A new dependency: the digest changes and the package is not pinned.
     pyproject.write_text(
-        re.sub(r"^dependencies = \[", 'dependencies = [\n    "rich>=13",', text, count=1, flags=re.MULTILINE)
+        re.sub(r"^dependencies = \[", 'dependencies = [\n    "tabulate>=0.9",', text, count=1, flags=re.MULTILINE)
     )
     assert pyproject.read_text() != text
     message = _one_line_failure(_run("--pyproject", str(pyproject), "--lock", str(lock)))

@@ -29,6 +29,14 @@ pairs (those of one epoch of :func:`sm_train.data.plan_epoch`, shuffle buffer 25
    batch excluded) against :func:`sm_eval.predict.predict_batch` alone on batches already on the
    device.
 
+Digest verification (:mod:`pipelines.reader` hashes every member a pair uses against the digest
+``index.parquet`` records; on by default) is measured beside reading without it
+(``verify=False``), each pair of passes taking turns (every other round in reverse order): the
+reader alone (``--reader-repeats`` passes each), (2) in one process (sm_feed's ``read_entry``
+called with ``verify=False`` in this process), and the loader processes' reading alone with ``P``
+processes; beside the pairs/s, this process's CPU per pair. Goal: verification costs at most
+10 % of (2)'s pairs/s.
+
 Bounds printed beside the goals (CPU: (2) >= 0.8 x (1), (3) with P = 2 >= 1.7 x (2); GPU: fed /
 resident >= 0.95, eval / predict >= 0.9): for (2), the reader alone (tar, bounded JSON, index and
 sharder checks, decoding each image once; no resizing, no batches) plus the floor's resizing and
@@ -42,6 +50,8 @@ line of every figure. Never imports Ray.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import os
 import statistics
@@ -55,11 +65,12 @@ from typing import Any
 
 import torch
 
+import sm_feed.batches
 from pipelines.imageio import decode_rgb
 from pipelines.reader import entry_name, index_rows, read_entry, split_shards
 from pipelines.shard import shard_dataset
 from pipelines.storage import Location
-from sm_feed.batches import PieceReader, plan_pieces, stream_loader
+from sm_feed.batches import PieceReader, piece_chunks, plan_pieces, stream_loader
 from sm_model.inputs import InputSpec
 from sm_train.data import pair_batches, plan_epoch
 
@@ -156,13 +167,42 @@ def feed(shards: Location, entries: list, args: argparse.Namespace, steps: int, 
     return {"seconds": time.perf_counter() - started, "first": first, "cpu": time.process_time() - cpu}
 
 
-def median_feeds(shards, entries, args, steps, device) -> tuple[dict, dict]:
-    """(2) and (3), their passes taking turns (a busy machine slows both alike), medians."""
-    runs = [
-        (feed(shards, entries, args, steps, 0, device), feed(shards, entries, args, steps, args.processes, device))
-        for _ in range(args.repeats)
-    ]
-    return tuple({key: statistics.median(run[at][key] for run in runs) for key in runs[0][at]} for at in (0, 1))
+@contextlib.contextmanager
+def unverified_reads() -> Iterator[None]:
+    """sm_feed's reads in this process without digest verification (``read_entry(verify=False)``);
+    loader processes import their own sm_feed and still verify."""
+    verified = sm_feed.batches.read_entry
+    sm_feed.batches.read_entry = functools.partial(verified, verify=False)
+    try:
+        yield
+    finally:
+        sm_feed.batches.read_entry = verified
+
+
+def unverified_feed(shards: Location, entries: list, args: argparse.Namespace, steps: int, device: str) -> dict:
+    """(2) with digests not verified."""
+    with unverified_reads():
+        return feed(shards, entries, args, steps, 0, device)
+
+
+def median_feeds(shards, entries, args, steps, device) -> tuple[dict, dict, dict]:
+    """(2), (3) and (2) without digest verification, their passes taking turns (a busy machine
+    slows all alike; every other round in reverse order, so none always comes first), medians."""
+    passes = (
+        lambda: feed(shards, entries, args, steps, 0, device),
+        lambda: feed(shards, entries, args, steps, args.processes, device),
+        lambda: unverified_feed(shards, entries, args, steps, device),
+    )
+    runs = [_in_turns(passes, turn) for turn in range(args.repeats)]
+    return tuple({key: statistics.median(run[at][key] for run in runs) for key in runs[0][at]} for at in (0, 1, 2))
+
+
+def _in_turns(passes: tuple[Callable[[], Any], ...], turn: int) -> list[Any]:
+    """The results of ``passes``, in their order, run in that order in even rounds and in
+    reverse in odd ones."""
+    order = range(len(passes)) if turn % 2 == 0 else reversed(range(len(passes)))
+    results = {at: passes[at]() for at in order}
+    return [results[at] for at in range(len(passes))]
 
 
 class ReadOnly(PieceReader):
@@ -174,21 +214,60 @@ class ReadOnly(PieceReader):
             yield os.getpid(), len(chunk.keys), time.process_time()
 
 
-def read_only(shards: Location, entries: list, index: dict, args, processes: int) -> tuple[float, float]:
+class UnverifiedReadOnly(ReadOnly):
+    """:class:`ReadOnly` with digests not verified (``read_entry(verify=False)``)."""
+
+    def __iter__(self) -> Iterator[tuple[int, int, float]]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for piece in range(worker, len(self.pieces), workers):
+            samples = read_entry(self.shards, self.pieces[piece], self.index, image_map=self.spec.resize, verify=False)
+            for chunk in piece_chunks(samples, piece, self.spec.size, self.chunk_pairs):
+                yield os.getpid(), len(chunk.keys), time.process_time()
+
+
+def read_only(
+    shards: Location, entries: list, index: dict, args, processes: int, verify: bool = True, repeats: int | None = None
+) -> tuple[float, float]:
     """Median seconds of the loader processes' work alone, and their CPU seconds in all."""
-    reader = ReadOnly(shards, plan_pieces(shards, entries, index, processes, args.size), index, args.size)
+    kind = ReadOnly if verify else UnverifiedReadOnly
+    reader = kind(shards, plan_pieces(shards, entries, index, processes, args.size), index, InputSpec(args.size))
 
     def one_pass() -> float:
         cpu = {pid: seconds for pid, _, seconds in stream_loader(reader, processes)}
         return sum(cpu.values())
 
-    seconds, cpu = median_time(one_pass, args.repeats)
+    seconds, cpu = median_time(one_pass, repeats or args.repeats)
     return seconds, cpu
 
 
-def reader_seconds(shards: Location, entries: list, index: dict, repeats: int) -> float:
-    """The reader alone in this process: every pair checked, each image decoded once, no resize."""
-    return median_time(lambda: sum(1 for entry in entries for _ in read_entry(shards, entry, index)), repeats)[0]
+def read_only_both(shards: Location, entries: list, index: dict, args, processes: int) -> tuple[float, float]:
+    """Median seconds of the loader processes' work alone with digest verification and without,
+    their passes taking turns."""
+    passes = (
+        lambda: read_only(shards, entries, index, args, processes, repeats=1)[0],
+        lambda: read_only(shards, entries, index, args, processes, verify=False, repeats=1)[0],
+    )
+    runs = [_in_turns(passes, turn) for turn in range(args.repeats)]
+    return statistics.median(run[0] for run in runs), statistics.median(run[1] for run in runs)
+
+
+def reader_seconds(shards: Location, entries: list, index: dict, repeats: int) -> dict[bool, dict[str, float]]:
+    """The reader alone in this process: every pair checked, each image decoded once, no resize;
+    ``{verify: {"seconds", "cpu"}}`` medians with digest verification and without, their passes
+    taking turns (every other round in reverse order)."""
+    runs: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
+    for turn in range(repeats):
+        for verify in (True, False) if turn % 2 == 0 else (False, True):
+            started, cpu = time.perf_counter(), time.process_time()
+            for entry in entries:
+                for _ in read_entry(shards, entry, index, verify=verify):
+                    pass
+            runs[verify].append((time.perf_counter() - started, time.process_time() - cpu))
+    return {
+        verify: {"seconds": statistics.median(r[0] for r in run), "cpu": statistics.median(r[1] for r in run)}
+        for verify, run in runs.items()
+    }
 
 
 # ---- (4) the device: training and evaluation ---------------------------------------------------
@@ -306,6 +385,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=252, help="network input side")
     parser.add_argument("--batch", type=int, default=8, help="pairs per batch in (1)-(3)")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per figure (median)")
+    parser.add_argument(
+        "--reader-repeats", type=int, default=7, help="timed passes of the reader alone, with and without verification"
+    )
     parser.add_argument("--images-per-category", type=int, default=100)
     parser.add_argument("--pairs-per-category", type=int, default=800, help="training pairs per category (5)")
     parser.add_argument("--shards", help="read these shards instead of generating a demo set")
@@ -347,11 +429,13 @@ def main() -> None:
         )
         phases = floor(shards, entries, index, args.size, args.batch, pairs, args.repeats)
         floor_s = sum(phases.values())
-        reader_s = reader_seconds(shards, entries, index, args.repeats)
+        reader = reader_seconds(shards, entries, index, args.reader_repeats)
+        reader_s, reader_unverified_s = reader[True]["seconds"], reader[False]["seconds"]
         feed(shards, entries, args, 2, args.processes, device)  # starts the forkserver (untimed)
-        in_process, loader = median_feeds(shards, entries, args, plan.steps, device)
+        in_process, loader, in_unverified = median_feeds(shards, entries, args, plan.steps, device)
         read_one, _ = read_only(shards, entries, index, args, 0)
         read_many, workers_cpu = read_only(shards, entries, index, args, args.processes)
+        read_many_verified, read_many_unverified = read_only_both(shards, entries, index, args, args.processes)
         load_after = os.getloadavg()[0]
         gpu = (
             model_figures(shards, entries, args, torch.device(device)) if device == "cuda" or args.model_figures else {}
@@ -359,8 +443,25 @@ def main() -> None:
 
     rate = {
         name: pairs / seconds
-        for name, seconds in (("floor", floor_s), ("in", in_process["seconds"]), ("loader", loader["seconds"]))
+        for name, seconds in (
+            ("floor", floor_s),
+            ("in", in_process["seconds"]),
+            ("loader", loader["seconds"]),
+            ("in_unverified", in_unverified["seconds"]),
+        )
     }
+    verify_cost = {
+        "reader": 1 - reader_unverified_s / reader_s,
+        "in_process": 1 - rate["in"] / rate["in_unverified"],
+        "read_only_processes": 1 - read_many_unverified / read_many_verified,
+        # CPU seconds in this process: less at the mercy of other load than the wall clock.
+        "reader_cpu": 1 - reader[False]["cpu"] / reader[True]["cpu"],
+        "in_process_cpu": 1 - in_unverified["cpu"] / in_process["cpu"],
+    }
+    verify_us = {name: (seconds / pairs * 1e6) for name, seconds in (
+        ("reader_cpu", reader[True]["cpu"]), ("reader_unverified_cpu", reader[False]["cpu"]),
+        ("in_process_cpu", in_process["cpu"]), ("in_process_unverified_cpu", in_unverified["cpu"]),
+    )}  # fmt: skip
     bound_in = floor_s / (reader_s + phases["resize"] + phases["copy"])
     us = {phase: seconds / pairs * 1e6 for phase, seconds in phases.items()}
     checks_us = (reader_s - phases["decode"]) / pairs * 1e6
@@ -392,6 +493,19 @@ def main() -> None:
         f"    first batch {loader['first']:.2f} s (in one process {in_process['first']:.2f} s); after it "
         f"{steady:.0f} pairs/s"
     )
+    print(
+        f"digest verification (on by default) against verify=False, pairs/s: the reader alone "
+        f"{pairs / reader_s:.0f} vs {pairs / reader_unverified_s:.0f} ({verify_cost['reader']:.1%}); "
+        f"(2) {rate['in']:.0f} vs {rate['in_unverified']:.0f} ({verify_cost['in_process']:.1%}, goal <= 10%); "
+        f"{args.processes} loader processes reading alone {pairs / read_many_verified:.0f} vs "
+        f"{pairs / read_many_unverified:.0f} ({verify_cost['read_only_processes']:.1%})"
+    )
+    print(
+        f"    CPU in this process: the reader alone {verify_us['reader_cpu']:.0f} vs "
+        f"{verify_us['reader_unverified_cpu']:.0f} us/pair ({verify_cost['reader_cpu']:.1%}), (2) "
+        f"{verify_us['in_process_cpu']:.0f} vs {verify_us['in_process_unverified_cpu']:.0f} us/pair "
+        f"({verify_cost['in_process_cpu']:.1%})"
+    )
     if gpu:
         print(
             f"(4) train_step, batch {gpu['train_batch']}, {gpu['precision']}: resident {gpu['resident_pairs_per_s']:.1f}, "
@@ -414,6 +528,16 @@ def main() -> None:
         "floor_pairs_per_s": rate["floor"],
         "floor_us_per_pair": us,
         "reader_pairs_per_s": pairs / reader_s,
+        "reader_unverified_pairs_per_s": pairs / reader_unverified_s,
+        "reader_verify_cost": verify_cost["reader"],
+        "in_process_unverified_pairs_per_s": rate["in_unverified"],
+        "in_process_verify_cost": verify_cost["in_process"],
+        "read_only_processes_pairs_per_s": pairs / read_many_verified,
+        "read_only_processes_unverified_pairs_per_s": pairs / read_many_unverified,
+        "read_only_processes_verify_cost": verify_cost["read_only_processes"],
+        "reader_verify_cost_cpu": verify_cost["reader_cpu"],
+        "in_process_verify_cost_cpu": verify_cost["in_process_cpu"],
+        "verify_cpu_us_per_pair": verify_us,
         "in_process_pairs_per_s": rate["in"],
         "in_process_over_floor": rate["in"] / rate["floor"],
         "in_process_bound_over_floor": bound_in,

@@ -24,9 +24,11 @@ INCONSISTENT_ANNOTATION = "inconsistent-annotation"
 MISSING_IMAGE = "missing-image"
 UNREADABLE_IMAGE = "unreadable-image"
 TRUNCATED_IMAGE = "truncated-image"
+CORRUPT_IMAGE = "corrupt-image"
 IMAGE_TOO_LARGE = "image-too-large"
 IMAGE_SIZE_MISMATCH = "image-size-mismatch"
 KEYPOINT_COUNT_MISMATCH = "keypoint-count-mismatch"
+INVALID_KEYPOINT_IDS = "invalid-keypoint-ids"
 NO_KEYPOINTS = "no-keypoints"
 NAN_KEYPOINTS = "nan-keypoints"
 KEYPOINT_OUTSIDE_IMAGE = "keypoint-outside-image"
@@ -46,9 +48,14 @@ REASONS: dict[str, str] = {
     MISSING_IMAGE: "an image file the pair needs does not exist",
     UNREADABLE_IMAGE: "an image file is not a decodable JPEG or PNG",
     TRUNCATED_IMAGE: "an image file ends before its end-of-image marker",
+    CORRUPT_IMAGE: (
+        "a JPEG's compressed data is damaged: a scan holds an invalid code, too few or too many bytes for its"
+        " blocks, or misplaced restart markers (checked with --full-decode; PIL decodes such data without an error)"
+    ),
     IMAGE_TOO_LARGE: "an image file has more bytes or pixels than pipelines.imageio allows (a decompression bomb guard)",
     IMAGE_SIZE_MISMATCH: "the image size in the annotation differs from the image file",
     KEYPOINT_COUNT_MISMATCH: "source keypoints, target keypoints and keypoint ids differ in number",
+    INVALID_KEYPOINT_IDS: "a keypoint id repeats within the pair, or is not an integer in [0, MAX_KEYPOINT_ID]",
     NO_KEYPOINTS: "the pair has no keypoint annotated in both images",
     NAN_KEYPOINTS: "a keypoint coordinate is NaN or infinite",
     KEYPOINT_OUTSIDE_IMAGE: "a keypoint lies outside its image",
@@ -59,6 +66,11 @@ REASONS: dict[str, str] = {
     DUPLICATE_PAIR: "the pair was already listed earlier in the input",
     EXCLUDED_IMAGE: "an image left out by the benchmark's own protocol (e.g. AP-10K crowd images)",
 }
+
+MAX_KEYPOINT_ID = 2**16 - 1
+"""The largest keypoint id a pair may carry. Ids name semantic points (SPair-71k has at most 30 per
+category, AP-10K 17); evaluation records one row per ``(pair, id)``, so an id must be unique within
+its pair, and a bound keeps per-id tables small."""
 
 BBOX_TOLERANCE_PX = 1.0
 """How far a box corner may reach past the pixel-centre frame: VOC-style inclusive boxes of
@@ -74,6 +86,7 @@ def check_pair(pair: PairRecord) -> list[Reject]:
         reasons.append(_reject(pair, KEYPOINT_COUNT_MISMATCH, f"{counts[0]} source, {counts[1]} target keypoints, {counts[2]} ids"))
     elif counts[0] == 0:
         reasons.append(_reject(pair, NO_KEYPOINTS, "0 keypoints"))
+    reasons.extend(_check_keypoint_ids(pair))
     for side, kps in (("source", pair.src_kps), ("target", pair.trg_kps)):
         bad_rows = np.flatnonzero(~np.isfinite(kps).all(axis=1)) if len(kps) else []
         if len(bad_rows):
@@ -119,6 +132,23 @@ def _check_fields(pair: PairRecord) -> list[Reject]:
         normalise_extras(pair.dataset, pair.extras)
     except ValueError as error:
         return [_reject(pair, MALFORMED_ANNOTATION, str(error))]
+    return []
+
+
+def _check_keypoint_ids(pair: PairRecord) -> list[Reject]:
+    """Keypoint ids are integers in ``[0, MAX_KEYPOINT_ID]``, none twice: evaluation keys its
+    records by ``(pair, id)``, so a repeated id would score a point twice."""
+    ids = np.asarray(pair.kps_ids)
+    if ids.size == 0:
+        return []
+    if ids.ndim != 1 or ids.dtype.kind not in "iu":
+        return [_reject(pair, INVALID_KEYPOINT_IDS, f"kps_ids {ids.tolist()!r} are not a list of integers")]
+    outside = [int(i) for i in ids if not 0 <= int(i) <= MAX_KEYPOINT_ID]
+    if outside:
+        return [_reject(pair, INVALID_KEYPOINT_IDS, f"kps_ids {outside[:5]} outside [0, {MAX_KEYPOINT_ID}]")]
+    values, counts = np.unique(ids, return_counts=True)
+    if (counts > 1).any():
+        return [_reject(pair, INVALID_KEYPOINT_IDS, f"kps_ids repeat {values[counts > 1].tolist()[:5]}")]
     return []
 
 

@@ -21,8 +21,19 @@ writes it, agree with its ``index.parquet`` row and pass :func:`pipelines.checks
 :func:`~pipelines.checks.check_against_images` before any of its images is decoded (a pair outside
 the run is parsed and checked by the read that takes it); a pair key appears once per shard; documents are parsed within :data:`MAX_DOCUMENT_BYTES` and
 the bounds of :func:`pipelines.jsonio.loads`, images within those of :mod:`pipelines.imageio` (a
-decompression bomb is refused before decoding). Anything else raises :class:`CorruptShardError`
-naming the shard and the member: a reader never drops, repairs or re-scores a pair silently.
+decompression bomb is refused before decoding); every pair the index lists in a shard must be in
+it. Anything else raises :class:`CorruptShardError` naming the shard and the member: a reader
+never drops, repairs or re-scores a pair silently.
+
+Integrity: ``index.parquet`` records, for each pair, the sha256 of its document and of each of its
+images as the sharder wrote them (:data:`pipelines.schema.DIGEST_FIELDS`). Every member a pair
+taken uses is hashed (each image once per read) and compared before the pair is yielded, after
+every other check of that member (so a member another check refuses gets that check's message);
+bytes changed since sharding, a flipped bit as much as a moved keypoint, raise
+:class:`CorruptShardError` naming the shard and the member. Shards whose index records no digests
+(written before the sharder recorded them) are refused with :class:`UnverifiableShardError`,
+whose message says to run the sharding command again (it rewrites them). ``verify=False`` reads
+any shard unverified; nothing in the project passes it but the benchmarks that measure its cost.
 """
 
 from __future__ import annotations
@@ -45,6 +56,7 @@ from webdataset.tariterators import base_plus_ext
 from pipelines import checks, jsonio
 from pipelines.imageio import decode_rgb
 from pipelines.schema import (
+    DIGEST_FIELDS,
     SCHEMA_VERSION,
     THRESHOLD_KINDS,
     ImageInfo,
@@ -52,6 +64,8 @@ from pipelines.schema import (
     PairRecord,
     PairSample,
     RejectError,
+    image_digest,
+    pair_digest,
     sample_from_json,
 )
 from pipelines.storage import Location, open_url
@@ -62,13 +76,23 @@ MAX_DOCUMENT_BYTES = 2**20
 writes a few KiB; a larger member is refused unread, which bounds what one document can cost."""
 INDEX_FIELDS = ("split", "dataset", "category", "threshold", "origin", "src_image", "trg_image", "num_keypoints")
 """The ``index.parquet`` columns every pair document must agree with (those the index has)."""
+_END = "__end__"
+"""Marks the end of one read of a shard in the stream between the pipeline's stages, so a shard
+without a single member is still checked against its index rows."""
 _COMPRESSED = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zstd"))
 
 
 class CorruptShardError(ValueError):
     """A shard that is not as :mod:`pipelines.shard` writes it (unreadable, cut short, compressed,
-    inconsistent with its index) or that holds a pair the sharder would have rejected. The message
-    names the shard and, where one is at fault, the member."""
+    inconsistent with its index, a member whose digest differs from the one ``index.parquet``
+    records, a pair the index lists missing) or that holds a pair the sharder would have rejected.
+    The message names the shard and, where one is at fault, the member."""
+
+
+class UnverifiableShardError(CorruptShardError):
+    """Shards whose ``index.parquet`` records no digests (:data:`pipelines.schema.DIGEST_FIELDS`):
+    written before :mod:`pipelines.shard` recorded them. They are refused unless read with
+    ``verify=False``; running the sharding command again rewrites them with digests."""
 
 
 def _corrupt(url: str, problem: object, member: str | None = None) -> CorruptShardError:
@@ -84,15 +108,20 @@ def read_index(shards: Location):
 
 def index_rows(shards: Location, urls: Mapping[str, str]) -> dict[str, dict[str, dict[str, Any]]]:
     """``{url: {pair key: {field: value}}}`` of the shards ``urls`` (``{shard name: url}``) from
-    ``index.parquet``, with the :data:`INDEX_FIELDS` the index has: what each pair document of
-    those shards must agree with."""
+    ``index.parquet``, with the :data:`INDEX_FIELDS` the index has (what each pair document of
+    those shards must agree with) and the pair's digests (:data:`pipelines.schema.DIGEST_FIELDS`,
+    what its members must hash to)."""
     table = read_index(shards)
     rows: dict[str, dict[str, dict[str, Any]]] = {url: {} for url in urls.values()}
     if not {"key", "shard"} <= set(table.column_names):
         return rows  # an index without pairs: no pair of any shard is listed
     table = table.filter(pc.is_in(table["shard"], value_set=pa.array(list(urls), pa.string())))
-    columns = ["key", "shard", *(name for name in INDEX_FIELDS if name in table.column_names)]
+    columns = ["key", "shard", *(name for name in (*INDEX_FIELDS, *DIGEST_FIELDS) if name in table.column_names)]
+    shared: dict[str, str] = {}  # one object per distinct digest: an image's is in many rows
     for row in table.select(columns).to_pylist():
+        for name in DIGEST_FIELDS:
+            if isinstance(row.get(name), str):
+                row[name] = shared.setdefault(row[name], row[name])
         rows[urls[row.pop("shard")]][row.pop("key")] = row
     return rows
 
@@ -134,6 +163,7 @@ def pair_dataset(
     epoch: int = 0,
     resampled: bool = False,
     split_nodes: bool = True,
+    verify: bool = True,
 ) -> wds.DataPipeline:
     """A pipeline yielding every pair of the shards ``names`` (relative to ``shards``); a
     :class:`ShardSlice` entry yields only that run of the shard's pairs (images the run does not
@@ -145,11 +175,17 @@ def pair_dataset(
     of ``names`` on every rank (for a caller that already planned each rank's share); DataLoader
     workers always split them. ``resampled=True`` draws shards with replacement forever (bound it
     with ``.with_epoch(n)``). Every pair is checked against the shard set's ``index.parquet`` and
-    the sharder's checks (see the module docstring)."""
+    the sharder's checks (see the module docstring); with ``verify`` (the default), every member a
+    pair uses must hash to the digest its index row records, and shards whose index records none
+    are refused (:class:`UnverifiableShardError`) before anything is read."""
     entries = list(names)
     urls = entry_urls(shards, entries)
     ranges = {url: (entry.start, entry.stop) for url, entry in zip(urls, entries) if isinstance(entry, ShardSlice)}
     index = index_rows(shards, dict(zip(map(entry_name, entries), urls)))
+    if verify:
+        for url, rows in index.items():
+            for key, row in rows.items():
+                _recorded_digests(url, key, row)
     if resampled:
         stages: list[Any] = [wds.ResampledShards(urls, seed=seed + epoch)]
     else:
@@ -162,7 +198,7 @@ def pair_dataset(
         partial(open_shards, endpoint_url=shards.endpoint_url),
         shard_files,
         group_members,
-        partial(assemble_pairs, ranges=ranges, index=index),
+        partial(assemble_pairs, ranges=ranges, index=index, verify=verify),
     ]
     if shuffle_buffer:
         stages.append(partial(shuffle_pairs, buffer_size=shuffle_buffer, seed=seed + epoch))
@@ -211,16 +247,18 @@ def read_entry(
     entry: str | ShardSlice,
     index: Mapping[str, Mapping[str, Mapping[str, Any]]],
     image_map: Callable[[np.ndarray], Any] | None = None,
+    *,
+    verify: bool = True,
 ) -> Iterator[PairSample]:
     """The pairs of one :func:`pair_dataset` entry (a whole shard, or a :class:`ShardSlice` of
     one), in shard order, read in this process and checked exactly as :func:`pair_dataset` checks
-    them; ``index`` is :func:`index_rows` of at least that shard. ``image_map`` is applied to each
-    image once, when it is decoded (a resize, say), and the pairs carry what it returns instead
-    of the ``(H, W, 3)`` array."""
+    them (``verify`` as there); ``index`` is :func:`index_rows` of at least that shard.
+    ``image_map`` is applied to each image once, when it is decoded (a resize, say), and the pairs
+    carry what it returns instead of the ``(H, W, 3)`` array."""
     url = shards.full(entry_name(entry))
     ranges = {url: (entry.start, entry.stop)} if isinstance(entry, ShardSlice) else None
     files = shard_files(open_shards([{"url": url}], shards.endpoint_url))
-    yield from assemble_pairs(group_members(files), ranges, index, image_map)
+    yield from assemble_pairs(group_members(files), ranges, index, image_map, verify=verify)
 
 
 def open_shards(sources: Iterable[dict], endpoint_url: str | None = None) -> Iterator[dict]:
@@ -235,7 +273,8 @@ def open_shards(sources: Iterable[dict], endpoint_url: str | None = None) -> Ite
 
 
 def shard_files(sources: Iterable[dict]) -> Iterator[dict]:
-    """Tar members of each shard as ``{"fname", "data", "__url__"}``. A shard must be a plain
+    """Tar members of each shard as ``{"fname", "data", "__url__"}``, each shard's followed by
+    ``{"__url__", "__end__": True}``. A shard must be a plain
     (uncompressed) tar that ends in its end-of-archive marker; a compressed one (refused before
     anything is decompressed), a corrupt one or one cut short, even exactly at a member boundary,
     raises :class:`CorruptShardError` naming it, as does a ``.json`` member larger than
@@ -250,6 +289,7 @@ def shard_files(sources: Iterable[dict]) -> Iterator[dict]:
             raise _corrupt(url, error.args[0] if error.args else error) from error
         finally:
             source["stream"].close()
+        yield {"__url__": url, _END: True}
 
 
 def _tar_members(url: str, stream) -> Iterator[dict]:
@@ -304,9 +344,15 @@ class _Replayed:
 def group_members(files: Iterable[dict]) -> Iterator[dict]:
     """Consecutive members of a shard sharing a key (the name up to its first dot) -> one sample
     ``{"__key__", "__url__", <extension>: data}``; a member repeated within a sample raises
-    :class:`CorruptShardError` naming it."""
+    :class:`CorruptShardError` naming it. The end of a shard's members is passed on as it came."""
     current: dict | None = None
     for file in files:
+        if file.get(_END):
+            if current is not None:
+                yield current
+            current = None
+            yield file
+            continue
         key, ext = base_plus_ext(file["fname"])
         if key is None:
             raise _corrupt(
@@ -328,6 +374,8 @@ def assemble_pairs(
     ranges: dict[str, tuple[int, int]] | None = None,
     index: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None,
     image_map: Callable[[np.ndarray], Any] | None = None,
+    *,
+    verify: bool = True,
 ) -> Iterator[PairSample]:
     """Grouped tar samples -> complete pairs, one shard at a time. Each image is decoded once,
     when first needed (then passed through ``image_map``, if given), and dropped from the cache
@@ -335,18 +383,31 @@ def assemble_pairs(
     it names (by URL). With ``index`` (:func:`index_rows`) every pair of a shard must be listed in
     its rows and every pair taken must agree with its row; every pair taken must be a document as
     :func:`~pipelines.schema.pair_to_json` writes it and pass the sharder's checks (a pair outside
-    the range is parsed and checked by the read that takes it). A shard failing a check raises
-    :class:`CorruptShardError`."""
+    the range is parsed and checked by the read that takes it), and every pair the index lists in
+    a shard must be in it. With ``verify`` (which needs ``index``), every member a pair taken uses
+    must hash to the digest its index row records (:data:`pipelines.schema.DIGEST_FIELDS`),
+    checked after every other check of that member and before the pair is yielded. A shard
+    failing a check raises :class:`CorruptShardError`."""
+    if verify and index is None:
+        raise ValueError("verifying digests needs the index rows (index_rows) of the shards read")
     ranges = ranges or {}
     shard: _ShardContents | None = None
     for sample in samples:
+        if sample.get(_END):  # one read of a shard is complete, even one without members
+            if shard is None or sample["__url__"] != shard.url:
+                if shard is not None:
+                    yield from shard.pairs(ranges.get(shard.url), index, image_map, verify)
+                shard = _ShardContents(sample["__url__"])
+            yield from shard.pairs(ranges.get(shard.url), index, image_map, verify)
+            shard = None
+            continue
         if shard is None or sample["__url__"] != shard.url:
             if shard is not None:
-                yield from shard.pairs(ranges.get(shard.url), index, image_map)
+                yield from shard.pairs(ranges.get(shard.url), index, image_map, verify)
             shard = _ShardContents(sample["__url__"])
         shard.add(sample)
     if shard is not None:
-        yield from shard.pairs(ranges.get(shard.url), index, image_map)
+        yield from shard.pairs(ranges.get(shard.url), index, image_map, verify)
 
 
 def _slice_pairs(url: str, pairs: list, start: int, stop: int) -> list:
@@ -356,14 +417,16 @@ def _slice_pairs(url: str, pairs: list, start: int, stop: int) -> list:
 
 
 class _ShardContents:
-    """The members of one shard: images (encoded bytes and member name; info) by key, and the
-    pair documents (their bytes, parsed when the pair is taken) in shard order."""
+    """The members of one shard: images (encoded bytes and member name; info, and its bytes) by
+    key, and the pair documents (their bytes, parsed when the pair is taken) in shard order."""
 
     def __init__(self, url: str) -> None:
         self.url = url
         self.images: dict[str, tuple[bytes, str]] = {}
         self.infos: dict[str, ImageInfo] = {}
+        self.info_bytes: dict[str, bytes] = {}
         self.docs: dict[str, bytes] = {}
+        self.digests: dict[str, str] = {}  # image key -> image_digest of its members, once computed
 
     def add(self, sample: dict) -> None:
         key = sample["__key__"]
@@ -387,12 +450,14 @@ class _ShardContents:
             raise _corrupt(self.url, f"not the info of this image: {info}", f"{key}.json")
         self.images[key] = (sample[ext], f"{key}.{ext}")
         self.infos[key] = info
+        self.info_bytes[key] = sample["json"]
 
     def pairs(
         self,
         span: tuple[int, int] | None,
         index: Mapping[str, Mapping[str, Mapping[str, Any]]] | None,
         image_map: Callable[[np.ndarray], Any] | None = None,
+        verify: bool = True,
     ) -> Iterator[PairSample]:
         keys = list(self.docs)
         rows = index.get(self.url, {}) if index is not None else None
@@ -400,6 +465,13 @@ class _ShardContents:
             for key in keys:  # the member names alone: nothing is parsed for a pair not taken
                 if key not in rows:
                     raise _corrupt(self.url, "index.parquet does not list this pair in this shard", f"{key}.pair.json")
+            missing = [key for key in rows if key not in self.docs]
+            if missing:
+                more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+                raise CorruptShardError(
+                    f"corrupt shard {self.url} yielded {len(keys)} of the {len(rows)} pairs index.parquet lists "
+                    f"in it: member {missing[0]}.pair.json is missing{more}"
+                )
         if span is not None:
             keys = _slice_pairs(self.url, keys, *span)
         named = rows is not None and all("src_image" in rows[key] and "trg_image" in rows[key] for key in keys)
@@ -416,11 +488,17 @@ class _ShardContents:
         decoded: dict[str, Any] = {}
         for position, key in enumerate(keys):
             doc = self._checked(key, rows) if docs is None else docs[position]
+            if verify:  # verify needs rows (assemble_pairs)
+                digests = _recorded_digests(self.url, key, rows[key])  # type: ignore[index]
             arrays = []
-            for image in uses[position]:
+            for side, image in enumerate(uses[position]):
                 if image not in decoded:
                     decoded[image] = self._decode(image) if image_map is None else image_map(self._decode(image))
+                if verify:
+                    self._verify_image(key, image, digests[1 + side])
                 arrays.append(decoded[image])
+            if verify:  # last: a member broken in a way another check names gets that check's message
+                self._verify_document(key, digests[0])
             yield sample_from_json(doc, arrays[0], arrays[1])
             for image in uses[position]:
                 if last_use.get(image) == position:
@@ -458,6 +536,31 @@ class _ShardContents:
         if problems:
             raise _corrupt(
                 self.url, f"{problems[0].reason}: {problems[0].detail} (the sharder rejects such a pair)", member
+            )
+
+    def _verify_image(self, pair: str, key: str, expected: str) -> None:
+        """The image ``key`` (its encoded bytes and its info document) hashes to ``expected``,
+        the digest the row of ``pair`` records for it; each image is hashed once per read."""
+        if key not in self.digests:
+            self.digests[key] = image_digest(self.images[key][0], self.info_bytes[key])
+        if self.digests[key] != expected:
+            member = self.images[key][1]
+            raise _corrupt(
+                self.url,
+                f"sha256 {self.digests[key]} of it and {key}.json, but index.parquet records {expected} for "
+                f"pair {pair!r}: the bytes differ from what pipelines.shard wrote",
+                member,
+            )
+
+    def _verify_document(self, key: str, expected: str) -> None:
+        """The document of pair ``key`` hashes to ``expected`` (:func:`~pipelines.schema.pair_digest`)."""
+        found = pair_digest(self.docs[key], key)
+        if found != expected:
+            raise _corrupt(
+                self.url,
+                f"sha256 {found}, but index.parquet records {expected}: "
+                "the document differs from what pipelines.shard wrote",
+                f"{key}.pair.json",
             )
 
     def _decode(self, key: str) -> np.ndarray:
@@ -502,10 +605,27 @@ def _check_index_row(url: str, doc: dict[str, Any], row: Mapping[str, Any] | Non
         "num_keypoints": len(ids) if isinstance(ids, list) else None,
     }
     differ = [
-        f"{name} {found[name]!r}, index.parquet says {value!r}" for name, value in row.items() if found[name] != value
+        f"{name} {found[name]!r}, index.parquet says {row[name]!r}"
+        for name in INDEX_FIELDS
+        if name in row and found[name] != row[name]
     ]
     if differ:
         raise _corrupt(url, "; ".join(differ), member)
+
+
+def _recorded_digests(url: str, key: str, row: Mapping[str, Any]) -> tuple[str, str, str]:
+    """The digests (:data:`~pipelines.schema.DIGEST_FIELDS`: document, source image, target
+    image) the index row of pair ``key`` records; :class:`UnverifiableShardError` when it lacks one."""
+    digests = (row.get("pair_sha256"), row.get("src_image_sha256"), row.get("trg_image_sha256"))
+    if isinstance(digests[0], str) and isinstance(digests[1], str) and isinstance(digests[2], str):
+        return digests  # type: ignore[return-value]
+    absent = [name for name, digest in zip(DIGEST_FIELDS, digests) if not isinstance(digest, str)]
+    raise UnverifiableShardError(
+        f"shard {url}: index.parquet records no {', '.join(absent)} for pair {key!r}: the shards were "
+        "written before pipelines.shard recorded a digest of every member, so they cannot be verified; "
+        "run the pipelines.shard command that wrote them again (it rewrites them with digests), "
+        "or read them unverified with verify=False"
+    )
 
 
 def pair_record(doc: Mapping[str, Any], images: Mapping[str, ImageInfo]) -> PairRecord:

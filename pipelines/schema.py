@@ -10,13 +10,17 @@ frame is stated in the module docstring of its reader under ``pipelines.sources`
 On disk (see ``pipelines.shard``) a shard holds image entries first (``<image_key>.jpg|png`` with
 the original encoded bytes and ``<image_key>.json`` with an :class:`ImageInfo`), then pair entries
 (``<pair_key>.pair.json`` with a :func:`pair_to_json` document that names both image keys).
-Everything is JSON; nothing is pickled.
+Everything is JSON; nothing is pickled. ``index.parquet`` records the sha256 of every pair's
+document and images (:data:`DIGEST_FIELDS`, :func:`pair_digest`, :func:`image_digest`), which the
+reader verifies.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
 from typing import Any, Literal, get_args
 
 import numpy as np
@@ -266,6 +270,30 @@ def pair_to_json(pair: PairRecord, src_size: tuple[int, int], trg_size: tuple[in
         "extras": dict(pair.extras),
         "origin": pair.origin,
     }
+
+
+DIGEST_FIELDS = ("pair_sha256", "src_image_sha256", "trg_image_sha256")
+"""The ``index.parquet`` columns that record, per pair, the sha256 of what the sharder wrote:
+its document (:func:`pair_digest`) and its two images (:func:`image_digest`). The reader
+verifies every member it uses against them (:mod:`pipelines.reader`)."""
+
+
+def pair_digest(data: bytes, key: str) -> str:
+    """The sha256 (hex) of a pair document's bytes ``data`` less its key: the value of its
+    ``"key": `` field, as :func:`json.dumps` writes ``key`` there, is left out. The key is the
+    document's name: its member name, its ``key`` field and its ``index.parquet`` row must agree,
+    which the reader checks apart; every other byte is covered."""
+    field = b'"key": ' + encode_basestring_ascii(key).encode()  # json.dumps(key), without its overhead
+    return hashlib.sha256(data.replace(field, b'"key": ', 1)).hexdigest()
+
+
+def image_digest(data: bytes, info: bytes) -> str:
+    """The sha256 (hex) of an image's two members: its encoded bytes ``data`` (their length
+    first, so no byte can move between the two unnoticed) and its ``<image_key>.json`` bytes."""
+    digest = hashlib.sha256(len(data).to_bytes(8, "big"))
+    digest.update(data)
+    digest.update(info)
+    return digest.hexdigest()
 
 
 def _side_to_json(image_key: str, size: tuple[int, int], kps: np.ndarray, bbox: np.ndarray) -> dict[str, Any]:

@@ -9,7 +9,8 @@ in itself: it holds every image its pairs use, each stored once with its origina
 
 Output, under ``--out``:
     <split>-000000.tar ...   the shards
-    index.parquet            one row per written pair (key, split, shard, image keys, flags, ...)
+    index.parquet            one row per written pair (key, split, shard, image keys, flags, ...,
+                             and the sha256 of its document and images, which the reader verifies)
     rejects.jsonl            one row per input that could not be taken, with file and reason
     summary.json             counts per split; input pairs = written + rejected, always
     _manifests/              per-shard records that make a re-run resume where a run stopped
@@ -46,7 +47,17 @@ from tqdm import tqdm
 
 from pipelines import checks
 from pipelines.imageio import MAX_IMAGE_BYTES, probe_image
-from pipelines.schema import EXTRA_FIELDS, ImageInfo, PairRecord, Reject, RejectError, pair_to_json
+from pipelines.schema import (
+    DIGEST_FIELDS,
+    EXTRA_FIELDS,
+    ImageInfo,
+    PairRecord,
+    Reject,
+    RejectError,
+    image_digest,
+    pair_digest,
+    pair_to_json,
+)
 from pipelines.sources import SOURCE_NAMES, get_source
 from pipelines.storage import Location, StorageError
 
@@ -55,7 +66,9 @@ log = logging.getLogger("pipelines.shard")
 DEFAULT_MAX_SHARD_BYTES = 128 * 2**20
 MANIFEST_DIR = "_manifests"
 TAR_BLOCK = 512
-SHARD_FORMAT_VERSION = 1
+SHARD_FORMAT_VERSION = 2
+"""Enters every shard's fingerprint, so a re-run rewrites the shards (and manifests) an earlier
+format wrote. 2: the manifests' index rows record digests (:data:`pipelines.schema.DIGEST_FIELDS`)."""
 
 
 def shard_name(split: str, index: int) -> str:
@@ -262,6 +275,7 @@ def write_shard(job: ShardJob) -> dict:
         used_images.setdefault(pair.src.path)
         used_images.setdefault(pair.trg.path)
     stored = selfcontained = 0
+    digests: dict[str, str] = {}  # image path -> image_digest of its two members
     handle, partial = tempfile.mkstemp(dir=job.scratch, prefix=f".{plan.name}.", suffix=".partial")
     try:
         with os.fdopen(handle, "wb") as tmp, tarfile.open(fileobj=tmp, mode="w", format=tarfile.PAX_FORMAT) as tar:
@@ -272,11 +286,13 @@ def write_shard(job: ShardJob) -> dict:
                 _add_entry(tar, f"{meta['key']}.{meta['ext']}", image_data[path])
                 _add_entry(tar, f"{meta['key']}.json", info_bytes)
                 stored += len(image_data[path]) + len(info_bytes)
+                digests[path] = image_digest(image_data[path], info_bytes)
             for pair, doc_bytes in written:
                 _add_entry(tar, f"{pair.key}.pair.json", doc_bytes)
                 stored += len(doc_bytes)
                 selfcontained += len(image_data[pair.src.path]) + len(image_data[pair.trg.path]) + len(doc_bytes)
-                rows.append(_index_row(pair, plan.name))
+                member_digests = (pair_digest(doc_bytes, pair.key), digests[pair.src.path], digests[pair.trg.path])
+                rows.append(_index_row(pair, plan.name, member_digests))
         tar_bytes = os.path.getsize(partial)
         out.put_file(plan.name, partial)
     finally:
@@ -316,7 +332,9 @@ def _check_unique_keys(plan: ShardPlan, image_meta: dict[str, dict]) -> None:
             raise ValueError(f"{plan.name}: pair key {pair.key!r} is also an image key")
 
 
-def _index_row(pair: PairRecord, shard: str) -> dict:
+def _index_row(pair: PairRecord, shard: str, digests: tuple[str, str, str]) -> dict:
+    """The pair's ``index.parquet`` row; ``digests``: its document's and its two images' sha256
+    (:data:`pipelines.schema.DIGEST_FIELDS`, in that order)."""
     row = {
         "key": pair.key,
         "split": pair.split,
@@ -329,6 +347,7 @@ def _index_row(pair: PairRecord, shard: str) -> dict:
         "trg_image": pair.trg.key,
         "num_keypoints": len(pair.kps_ids),
         "origin": pair.origin,
+        **dict(zip(DIGEST_FIELDS, digests)),
     }
     clash = row.keys() & pair.extras.keys()
     if clash:
@@ -340,6 +359,7 @@ def _index_row(pair: PairRecord, shard: str) -> dict:
 INDEX_COLUMNS: dict[str, type] = {
     "key": str, "split": str, "shard": str, "dataset": str, "category": str, "group": str, "threshold": str,
     "src_image": str, "trg_image": str, "num_keypoints": int, "origin": str,
+    "pair_sha256": str, "src_image_sha256": str, "trg_image_sha256": str,
 }  # fmt: skip
 """The index columns every pair has (:func:`_index_row`), before its dataset's extras."""
 
@@ -628,6 +648,16 @@ def _parse_bytes(text: str) -> int:
     return int(float(match.group(1)) * _BYTE_UNITS[match.group(2) or ""])
 
 
+def _parse_seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds > 0")
+    return seconds
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipelines.shard",
@@ -655,6 +685,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="endpoint of an S3-compatible store (default: $AWS_ENDPOINT_URL, else AWS)",
     )
     parser.add_argument(
+        "--s3-connect-timeout",
+        type=_parse_seconds,
+        metavar="SECONDS",
+        help="seconds to wait for an S3 connection (default: $SM_S3_CONNECT_TIMEOUT, else 10)",
+    )
+    parser.add_argument(
+        "--s3-read-timeout",
+        type=_parse_seconds,
+        metavar="SECONDS",
+        help="seconds to wait for an S3 answer (default: $SM_S3_READ_TIMEOUT, else 60)",
+    )
+    parser.add_argument(
         "--full-decode", action="store_true", help="decode every image fully while validating (default: header and end marker)"
     )
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
@@ -677,15 +719,29 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _one_line(error: Exception) -> str:
+    """An error as one line naming its path: ``/data/out: Read-only file system``, not
+    ``[Errno 30] Read-only file system: '/data/out'``."""
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        paths = " -> ".join(str(p) for p in (error.filename, error.filename2) if p is not None)
+        return f"{paths}: {error.strerror}"
+    return str(error)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Through the environment, so spawned shard writers use the same S3 timeouts.
+    timeouts = {"SM_S3_CONNECT_TIMEOUT": args.s3_connect_timeout, "SM_S3_READ_TIMEOUT": args.s3_read_timeout}
+    for name, value in timeouts.items():
+        if value is not None:
+            os.environ[name] = repr(value)
     try:
         root = Location(args.root, args.s3_endpoint_url)
         out = Location(args.out, args.s3_endpoint_url)
         summary = shard_dataset(args.dataset, root, out, args.split, args.max_shard_bytes, args.workers, args.full_decode)
-    except (FileNotFoundError, ValueError, StorageError, ShardError) as error:
-        log.error("%s", error)
+    except (OSError, ValueError, StorageError, ShardError) as error:
+        log.error("%s", _one_line(error))
         return 2
     print(format_summary(summary))
     print(f"index: {out.full('index.parquet')}  rejects: {out.full('rejects.jsonl')}")

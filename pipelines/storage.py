@@ -11,6 +11,9 @@ well as AWS. This module is the one place that turns an S3 URL and endpoint into
 (:func:`s3_client`) or a pyarrow filesystem (:func:`arrow_filesystem`, for Ray's storage), and
 the one place that turns what boto3 raises into a one-line error naming the resource
 (:func:`s3_errors`: :class:`FileNotFoundError` for a missing object, else :class:`StorageError`).
+Both kinds of client wait at most :func:`s3_timeouts` (``SM_S3_CONNECT_TIMEOUT``,
+``SM_S3_READ_TIMEOUT``, ``SM_S3_MAX_ATTEMPTS``), so a stalled endpoint is an error within minutes.
+Files written locally get the permissions ``open()`` gives a new file (``0o666`` less the umask).
 """
 
 from __future__ import annotations
@@ -51,21 +54,64 @@ def resolve_endpoint(endpoint_url: str | None) -> str | None:
     return endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
+S3_TIMEOUT_SETTINGS = {
+    "SM_S3_CONNECT_TIMEOUT": 10.0,
+    "SM_S3_READ_TIMEOUT": 60.0,
+    "SM_S3_MAX_ATTEMPTS": 3,
+}
+"""Environment variables bounding every S3 request, with their defaults: seconds to open a
+connection, seconds to wait for any bytes of an answer, and attempts per request (the first one
+included; botocore's standard retry mode, with backoff). A stalled endpoint is reported after at
+most attempts x timeout (3 x 60 s by default)."""
+
+
+@dataclass(frozen=True)
+class S3Timeouts:
+    connect: float
+    read: float
+    attempts: int
+
+
+def s3_timeouts() -> S3Timeouts:
+    """The S3 timeouts and attempts from the environment (:data:`S3_TIMEOUT_SETTINGS`);
+    :class:`ValueError` naming the variable when one is not a positive number."""
+    values = {}
+    for name, default in S3_TIMEOUT_SETTINGS.items():
+        text = os.environ.get(name, "").strip()
+        if not text:
+            values[name] = default
+            continue
+        try:
+            value = int(text) if isinstance(default, int) else float(text)
+        except ValueError:
+            value = None
+        if value is None or not (0 < value < float("inf")):
+            kind = "a whole number of attempts, at least 1" if isinstance(default, int) else "a number of seconds > 0"
+            raise ValueError(f"{name}={text!r} is not {kind} (default {default})")
+        values[name] = value
+    return S3Timeouts(values["SM_S3_CONNECT_TIMEOUT"], values["SM_S3_READ_TIMEOUT"], values["SM_S3_MAX_ATTEMPTS"])
+
+
 def s3_client(endpoint_url: str | None = None):
-    """A boto3 S3 client for ``endpoint_url`` (see :func:`resolve_endpoint`), one per process and endpoint."""
-    return _s3_client(resolve_endpoint(endpoint_url))
+    """A boto3 S3 client for ``endpoint_url`` (see :func:`resolve_endpoint`), one per process,
+    endpoint and :func:`s3_timeouts` setting."""
+    return _s3_client(resolve_endpoint(endpoint_url), s3_timeouts())
 
 
 def arrow_filesystem(url: str, endpoint_url: str | None = None) -> tuple[str, pyarrow.fs.FileSystem | None]:
     """``(path, filesystem)`` for pyarrow and Ray storage arguments. A local path or an ``s3://``
     URL on AWS needs no filesystem (``None``: Ray infers it from the URL); an S3-compatible endpoint
-    needs an explicit pyarrow filesystem, and then the path loses its ``s3://``."""
+    needs an explicit pyarrow filesystem, and then the path loses its ``s3://``. The filesystem
+    uses the :func:`s3_timeouts` (on Linux the read timeout bounds a stall: less than a byte a
+    second for that long). A pickled filesystem (as Ray ships it) keeps the timeouts but falls
+    back to pyarrow's default of 3 attempts."""
     endpoint_url = resolve_endpoint(endpoint_url)
     if not is_s3(url) or endpoint_url is None:
         return url, None
     import pyarrow.fs
 
     endpoint = urlparse(endpoint_url)
+    timeouts = s3_timeouts()
     # Explicit keys travel with the pickled filesystem to Ray's controller and workers.
     filesystem = pyarrow.fs.S3FileSystem(
         endpoint_override=endpoint.netloc or endpoint.path,
@@ -74,12 +120,15 @@ def arrow_filesystem(url: str, endpoint_url: str | None = None) -> tuple[str, py
         secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
         session_token=os.environ.get("AWS_SESSION_TOKEN"),
         region=os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION"),
+        connect_timeout=timeouts.connect,
+        request_timeout=timeouts.read,
+        retry_strategy=pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=timeouts.attempts),
     )
     return url.removeprefix("s3://"), filesystem
 
 
 @functools.lru_cache(maxsize=8)
-def _s3_client(endpoint_url: str | None):
+def _s3_client(endpoint_url: str | None, timeouts: S3Timeouts):
     """Processes started by spawn or forkserver build their own client. Checksums only when required, since many S3-compatible
     stores reject the CRC headers boto3 sends by default."""
     # Imported here: boto3 costs a fifth of a second to import, paid by every spawned worker
@@ -91,7 +140,9 @@ def _s3_client(endpoint_url: str | None):
         s3={"addressing_style": "path"},
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
-        retries={"max_attempts": 5, "mode": "standard"},
+        connect_timeout=timeouts.connect,
+        read_timeout=timeouts.read,
+        retries={"total_max_attempts": timeouts.attempts, "mode": "standard"},
     )
     return boto3.client("s3", endpoint_url=endpoint_url, config=config)
 
@@ -105,9 +156,11 @@ def _client_error() -> type[Exception]:
 class StorageError(Exception):
     """An S3 request that failed for another reason than a missing object (that is a
     :class:`FileNotFoundError`): no such bucket, credentials missing or refused, an endpoint that
-    cannot be reached. The message is one line naming the resource and the endpoint. Not an
-    :class:`OSError` on purpose: an ``OSError`` while reading one input makes that input a reject,
-    while a store that cannot be used must stop the run (a re-run then resumes)."""
+    cannot be reached or does not answer in time; or a local output directory that cannot be
+    written (:meth:`Location.ensure_output_dir`). The message is one line naming the resource
+    (and the endpoint). Not an :class:`OSError` on purpose: an ``OSError`` while reading one input
+    makes that input a reject, while a store that cannot be used must stop the run (a re-run then
+    resumes)."""
 
 
 _NOT_FOUND_CODES = ("NoSuchKey", "404", "NotFound")
@@ -128,10 +181,33 @@ def s3_errors(url: str, endpoint_url: str | None) -> Iterator[None]:
 
 
 def _storage_error(error: Exception, url: str, endpoint: str) -> Exception:
-    from botocore.exceptions import ClientError, ConnectionError, NoCredentialsError, PartialCredentialsError
+    from boto3.exceptions import S3UploadFailedError
+    from botocore.exceptions import (
+        BotoCoreError,
+        ClientError,
+        ConnectionError,
+        ConnectTimeoutError,
+        NoCredentialsError,
+        PartialCredentialsError,
+        ReadTimeoutError,
+    )
 
     if not isinstance(error, ClientError) and isinstance(error.__context__, ClientError):
         error = error.__context__  # upload_file wraps the request's error in S3UploadFailedError
+    elif isinstance(error, S3UploadFailedError) and isinstance(error.__context__, BotoCoreError):
+        error = error.__context__
+    if isinstance(error, (ConnectTimeoutError, ReadTimeoutError)):
+        timeouts = s3_timeouts()
+        connect = isinstance(error, ConnectTimeoutError)
+        what, seconds, name = (
+            ("connecting to", timeouts.connect, "SM_S3_CONNECT_TIMEOUT")
+            if connect
+            else ("waiting for an answer from", timeouts.read, "SM_S3_READ_TIMEOUT")
+        )
+        return StorageError(
+            f"{url}: {what} the S3 endpoint {endpoint} timed out after {seconds:g} s ({name}),"
+            f" {timeouts.attempts} attempt{'s' * (timeouts.attempts != 1)} (SM_S3_MAX_ATTEMPTS)"
+        )
     if isinstance(error, ClientError):
         details = error.response.get("Error", {})
         code, message = details.get("Code", ""), details.get("Message", "")
@@ -315,7 +391,8 @@ class Location:
         return dict(sorted(found.items()))
 
     def put_bytes(self, rel: str, data: bytes) -> None:
-        """Write ``data`` to ``rel`` atomically."""
+        """Write ``data`` to ``rel`` atomically; a local file gets the mode ``open()`` would give
+        it (``0o666`` less the umask)."""
         if self.remote:
             bucket, key = self._s3_key(rel)
             with self._s3_errors(rel):
@@ -324,13 +401,26 @@ class Location:
         target = self._local(rel)
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp", delete=False) as tmp:
-            tmp.write(data)
-        os.replace(tmp.name, target)
+            try:
+                tmp.write(data)
+                tmp.flush()
+                os.fchmod(tmp.fileno(), new_file_mode())
+            except BaseException:
+                os.remove(tmp.name)
+                raise
+        try:
+            os.replace(tmp.name, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(tmp.name)
+            raise
 
     def put_file(self, rel: str, local_path: str | Path) -> None:
         """Move the finished local file ``local_path`` to ``rel`` atomically (a rename locally,
         a multipart upload on S3, visible only once complete); ``local_path`` is consumed (when
-        the move fails, it is left to the caller)."""
+        the move fails, it is left to the caller). Locally the file gets the mode ``open()``
+        would give a new file (``0o666`` less the umask), whatever mode ``local_path`` had (a
+        scratch file from :func:`tempfile.mkstemp` is ``0o600``)."""
         if self.remote:
             bucket, key = self._s3_key(rel)
             with self._s3_errors(rel):
@@ -339,17 +429,45 @@ class Location:
             return
         target = self._local(rel)
         target.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(local_path, new_file_mode())
         os.replace(local_path, target)
+
+    def ensure_output_dir(self) -> None:
+        """Make sure files can be written under a local root: create it (with its parents) if
+        missing, and check that a file can be created in it. :class:`StorageError`, one line
+        naming the root and the problem, when the root is an existing file, lies under a file,
+        or sits on a read-only filesystem or in a directory without write permission; nothing
+        is written then. On S3 nothing is checked here (a store's refusal shows on the first
+        request)."""
+        if self.remote:
+            return
+        root = Path(self.url)
+        if root.exists() and not root.is_dir():
+            raise StorageError(
+                f"{root}: cannot write output there: it is an existing {_path_kind(root)}, not a directory"
+            )
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            blocker = next((p for p in root.parents if p.exists() and not p.is_dir()), None)
+            why = f"{blocker} is a {_path_kind(blocker)}, not a directory" if blocker else _os_reason(error)
+            raise StorageError(f"{root}: cannot create the output directory: {why}") from error
+        try:
+            with tempfile.TemporaryFile(dir=root, prefix=".pipelines-write-check-"):
+                pass
+        except OSError as error:
+            raise StorageError(f"{root}: cannot write in the output directory: {_os_reason(error)}") from error
 
     @contextlib.contextmanager
     def scratch_dir(self) -> Iterator[str]:
         """For one run, a directory for files being written before :meth:`put_file` moves them.
         Locally the root itself, so the rename stays on one filesystem (a writer names its files
-        so that a re-run can remove what a killed run left). On S3 a fresh directory of this
-        process in the system temp dir, removed with all it holds when the run ends; such
-        directories of processes that no longer exist (killed runs) are removed first."""
+        so that a re-run can remove what a killed run left); it is created and checked by
+        :meth:`ensure_output_dir` first. On S3 a fresh directory of this process in the system
+        temp dir, removed with all it holds when the run ends; such directories of processes
+        that no longer exist (killed runs) are removed first."""
         if not self.remote:
-            Path(self.url).mkdir(parents=True, exist_ok=True)
+            self.ensure_output_dir()
             yield self.url
             return
         _remove_dead_scratch(tempfile.gettempdir())
@@ -367,6 +485,36 @@ class Location:
         else:
             self._local(rel).unlink(missing_ok=True)
 
+
+
+def current_umask() -> int:
+    """This process's umask, read without changing it where Linux shows it
+    (``/proc/self/status``); elsewhere set and restored at once."""
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def new_file_mode() -> int:
+    """The permission bits ``open()`` gives a new file: ``0o666`` less the umask."""
+    return 0o666 & ~current_umask()
+
+
+def _path_kind(path: Path) -> str:
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return "file"
+    return "file" if stat.S_ISREG(mode) else _file_kind(mode)
+
+
+def _os_reason(error: OSError) -> str:
+    """What an :class:`OSError` says, without its errno and path: ``Read-only file system``."""
+    return error.strerror or str(error)
 
 
 def _read_regular_file(path: Path, max_bytes: int | None) -> bytes:

@@ -308,13 +308,14 @@ def test_matching_runs_in_float32_in_every_autocast_state(state: str) -> None:
     device = "meta" if state == "meta device" else "cpu"
     maps = torch.randn(1, 8, 5, 5, device=device)
     kps = torch.tensor([[[3.0, 4.0], [10.0, 2.0]]], device=device)
-    context = (
-        torch.autocast("cpu", dtype=torch.bfloat16 if "bfloat16" in state else torch.float32)
-        if "autocast" in state
-        else contextlib.nullcontext()
-    )
-    with warnings.catch_warnings(), context:
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # CPU autocast warns that it does not take float32
+        context = (
+            torch.autocast("cpu", dtype=torch.bfloat16 if "bfloat16" in state else torch.float32)
+            if "autocast" in state
+            else contextlib.nullcontext()
+        )
+    with context:
         matches = match_keypoints(maps.bfloat16(), maps.bfloat16(), kps, 4, Localization("window", 0.02, 3, 7.0))
     assert matches.points.dtype == matches.scores.dtype == torch.float32
     assert matches.points.device.type == device

@@ -153,18 +153,27 @@ def measure_memory(setup: Setup, mode: str) -> dict[str, float]:
     torch.manual_seed(0)
     model = SimpleMatch(setup.config).to(setup.device).train()
     src, trg, src_kps, trg_kps, valid = setup.inputs(setup.config.image_size)
+
+    def step_loss() -> Tensor:
+        if mode == "window+sparse":
+            return model.loss(model(src, trg, src_kps, valid), trg_kps, valid)
+        if mode == "no-matching":
+            return _floor_loss(model, src, trg, src_kps, valid)
+        return keypoint_loss(_dense_predictions(model, mode, src, trg, src_kps), trg_kps, valid)
+
+    return step_peak(setup, step_loss)
+
+
+def step_peak(setup: Setup, step_loss: Callable[[], Tensor]) -> dict[str, float]:
+    """Peak memory in MiB, above what is allocated now, of ``step_loss()`` under the setup's
+    autocast and its backward: ``cpu_step_peak_mib`` (resident set), and ``cuda_step_peak_mib``."""
     baseline_rss = _current_rss_bytes()
     if setup.device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         baseline_cuda = torch.cuda.memory_allocated()
     with setup.autocast():
-        if mode == "window+sparse":
-            loss = model.loss(model(src, trg, src_kps, valid), trg_kps, valid)
-        elif mode == "no-matching":
-            loss = _floor_loss(model, src, trg, src_kps, valid)
-        else:
-            loss = keypoint_loss(_dense_predictions(model, mode, src, trg, src_kps), trg_kps, valid)
+        loss = step_loss()
     loss.backward()
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     result = {"cpu_step_peak_mib": (peak_rss - baseline_rss) / 2**20}
@@ -257,7 +266,7 @@ def kind_config(kind: str, size: int, quick: bool) -> ModelConfig:
             return ModelConfig(backbone="dinov2_vits14", image_size=size, window_size=7, options=SimpleMatchOptions(decoder_channels=64))
         return ModelConfig(image_size=size)
     backbone = "dinov2_vits14" if quick else "dinov2_vitb14"
-    return ModelConfig(kind="vitsc", backbone=backbone, image_size=size, finetune="last_blocks", finetune_blocks=4, final_norm=True)
+    return ModelConfig.of_kind("vitsc", backbone=backbone, image_size=size)
 
 
 def measure_kind(setup: Setup, kind: str, size: int, quick: bool, warmup: int, repeats: int) -> dict[str, float]:
@@ -267,19 +276,7 @@ def measure_kind(setup: Setup, kind: str, size: int, quick: bool, warmup: int, r
     torch.manual_seed(0)
     model = build_model(config).to(setup.device).train()
     src, trg, src_kps, trg_kps, valid = setup.inputs(size)
-    baseline_rss = _current_rss_bytes()
-    if setup.device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        baseline_cuda = torch.cuda.memory_allocated()
-    with setup.autocast():
-        loss = model.loss(model(src, trg, src_kps, valid), trg_kps, valid)
-    loss.backward()
-    result = {"cpu_step_peak_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline_rss) / 2**20}
-    if setup.device == "cuda":
-        torch.cuda.synchronize()
-        result["cuda_step_peak_mib"] = (torch.cuda.max_memory_allocated() - baseline_cuda) / 2**20
-    del loss
+    result = step_peak(setup, lambda: model.loss(model(src, trg, src_kps, valid), trg_kps, valid))
     model.zero_grad(set_to_none=True)
     model.eval()
 

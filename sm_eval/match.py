@@ -278,6 +278,19 @@ def load_match_model(
     return model.eval(), ModelName(name=name, source=source, path=path, official=official)
 
 
+def load_model_from_args(args: argparse.Namespace) -> tuple[MatchModel, ModelName]:
+    """:func:`load_match_model` of ``args.model`` with the options :func:`add_model_options` adds."""
+    return load_match_model(
+        args.model,
+        backbone_weights=args.backbone_weights,
+        official_config=args.official_config,
+        image_size=args.image_size,
+        localizer=args.localizer,
+        model_options=args.model_options,
+        endpoint_url=args.s3_endpoint_url,
+    )
+
+
 def model_summary(model: MatchModel) -> dict[str, Any]:
     """What ``matches.json`` records of ``model``'s config."""
     config = model.config
@@ -615,7 +628,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     """The options that choose and set up one model and where it runs, as ``python -m sm_eval``
     names them: ``--backbone-weights``, ``--official-config``, ``--image-size``, ``--localizer``,
     ``--set``, ``--s3-endpoint-url``, ``--device``, ``--dtype``, ``--threads`` (``--model`` is the
-    caller's: it may be repeatable or not)."""
+    caller's: it may be repeatable or not); :func:`load_model_from_args` loads the model they name."""
     model = parser.add_argument_group("model")
     model.add_argument(
         "--backbone-weights", metavar="PATH",
@@ -669,7 +682,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, metavar="DIR_OR_S3", help="output directory (local or s3://)")
     parser.add_argument(
         "--chunk-size", type=positive_int, metavar="K",
-        help="points per forward pass (default: as many as 128 MiB of score maps hold)",
+        help="points matched at a time against the encoded pair (default: as many as 128 MiB of score maps hold)",
     )  # fmt: skip
     add_model_options(parser)
     parser.add_argument("--log-level", default="WARNING", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
@@ -698,15 +711,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 points = args.points
             check_points(points, (src_image.shape[1], src_image.shape[0]), f"source image {args.source}")
-            model, checkpoint = load_match_model(
-                args.model,
-                backbone_weights=args.backbone_weights,
-                official_config=args.official_config,
-                image_size=args.image_size,
-                localizer=args.localizer,
-                model_options=args.model_options,
-                endpoint_url=args.s3_endpoint_url,
-            )
+            model, checkpoint = load_model_from_args(args)
             result = match_points(
                 model, src_image, trg_image, points, device=device, autocast_dtype=DTYPES[args.dtype],
                 chunk_size=args.chunk_size,

@@ -23,6 +23,7 @@ from sm_model.matcher import MatchModel
 from sm_model.registry import build_model, zero_shot_config
 from sm_model.simplematch import SimpleMatchOptions
 from sm_model.simplematch.model import SimpleMatch
+from tests.random_inputs import random_images
 
 BASELINE = ModelConfig(
     kind="baseline", backbone="dinov2_vits14", image_size=28, finetune="last_blocks", finetune_blocks=2, final_norm=True
@@ -33,11 +34,6 @@ SIMPLEMATCH = ModelConfig(backbone="dinov2_vits14", image_size=28, window_size=3
 """SimpleMatch at 28 px: a 7x7 map at stride 4."""
 LAST_BLOCKS = ("backbone.encoder.blocks.10.", "backbone.encoder.blocks.11.")
 NORM_KEYS = {"backbone.encoder.norm.weight", "backbone.encoder.norm.bias"}
-
-
-def _images(batch: int, size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    src, trg = torch.randn(2, batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
-    return src, trg
 
 
 def _random_model(config: ModelConfig, seed: int = 123) -> MatchModel:
@@ -94,7 +90,7 @@ VALID = torch.tensor([[True, True, True], [True, True, False]])
 def test_baseline_forward_shapes(baseline: FeatureMatcher) -> None:
     assert isinstance(build_model(BASELINE), FeatureMatcher)
     assert baseline.config.localizer_method == "kernel"
-    src, trg = _images(2, 28)
+    src, trg = random_images(2, 28)
     with torch.no_grad():
         outputs = baseline(src, trg, TARGETS, VALID)
     assert len(outputs) == 1
@@ -110,7 +106,7 @@ def test_baseline_loss_is_finite_and_trains_only_the_last_two_blocks(baseline: F
     trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
     assert trainable and all(name.startswith(LAST_BLOCKS) for name in trainable)
     assert {name for name, _ in model.named_parameters() if name.startswith(LAST_BLOCKS)} == trainable
-    src, trg = _images(2, 28)
+    src, trg = random_images(2, 28)
     loss = model.loss(model(src, trg, TARGETS, VALID), TARGETS, VALID)
     assert loss.ndim == 0 and torch.isfinite(loss) and loss.item() > 0
     loss.backward()
@@ -128,7 +124,7 @@ def test_final_norm_applies_the_layer_norm() -> None:
     assert state.keys() - without_norm.state_dict().keys() == NORM_KEYS
     assert without_norm.state_dict().keys() <= state.keys()
     without_norm.load_state_dict({key: value for key, value in state.items() if key not in NORM_KEYS}, strict=True)
-    src, trg = _images(2, 28)
+    src, trg = random_images(2, 28)
     with torch.no_grad():
         (normed,) = with_norm.backbone(src)
         (raw,) = without_norm.backbone(src)
@@ -152,7 +148,7 @@ def test_final_norm_needs_a_vit() -> None:
 def test_zero_shot_is_frozen_and_has_no_loss(zero_shot: MatchModel) -> None:
     assert isinstance(zero_shot, FeatureMatcher) and zero_shot.config.localizer_method == "argmax"
     assert not any(parameter.requires_grad for parameter in zero_shot.parameters())
-    src, trg = _images(1, 28)
+    src, trg = random_images(1, 28)
     keypoints, valid = TARGETS[:1], VALID[:1]
     outputs = zero_shot(src, trg, keypoints, valid)
     assert outputs[0].scores.shape == (1, 3, 2, 2) and not outputs[0].scores.requires_grad
@@ -185,7 +181,7 @@ def test_zero_shot_configs_from_specs() -> None:
 def test_resnet_zero_shot_matches_on_the_last_stage() -> None:
     model = _random_model(zero_shot_config("zero-shot:resnet18", weights=None, image_size=64))
     assert not any(parameter.requires_grad for parameter in model.parameters())
-    src, trg = _images(2, 64)
+    src, trg = random_images(2, 64)
     with torch.no_grad():
         ((points, scores, stride),) = model(src, trg, torch.full((2, 3, 2), 20.0), torch.ones(2, 3, dtype=torch.bool))
     assert stride == 32 and scores.shape == (2, 3, 2, 2) and points.shape == (2, 3, 2)
@@ -196,7 +192,7 @@ def test_resnet_zero_shot_matches_on_the_last_stage() -> None:
 
 
 def _predict(model: MatchModel, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    src, trg = _images(2, size, seed=5)
+    src, trg = random_images(2, size, seed=5)
     keypoints = torch.rand(2, 4, 2, generator=torch.Generator().manual_seed(6)) * 60
     sizes = torch.tensor([[60, 50], [40, 64]])
     points, score = model.predict_matches(src, trg, keypoints, torch.ones(2, 4, dtype=torch.bool), sizes, sizes.flip(1))
@@ -269,7 +265,7 @@ def test_predict_matches_maps_cell_centres_of_an_image_onto_themselves(case: str
     rows, columns = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
     cells = torch.stack((columns, rows), dim=-1).view(1, -1, 2).float()
     centres = stride * cells + (stride - 1) / 2  # input pixels of the cell centres
-    image, _ = _images(1, size, seed=7)
+    image, _ = random_images(1, size, seed=7)
     valid = torch.ones(1, side * side, dtype=torch.bool)
     square = torch.tensor([[size, size]])
     points, score = model.predict_matches(image, image, centres, valid, square, square)

@@ -40,6 +40,7 @@ from sm_model.simplematch import SimpleMatchOptions
 from sm_model.simplematch.decoder import ScaleFeatures
 from sm_model.simplematch.model import SimpleMatch
 from tests.conftest import REPO_ROOT
+from tests.random_inputs import random_images
 from tests.test_simplematch import OFFICIAL_DECODER_NAMES
 from tests.test_simplematch import _perturb as perturb
 from tests.test_simplematch import _weights_file as weights_file
@@ -106,11 +107,6 @@ def _lora_checkpoint(tmp_path: Path, image_size: int = 56) -> tuple[SimpleMatch,
     return source, tmp_path / "best_model.pth", weights
 
 
-def _images(batch: int, size: int, seed: int = 0) -> tuple[Tensor, Tensor]:
-    src, trg = torch.randn(2, batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
-    return src, trg
-
-
 # --------------------------------------------------------------------------- released layouts
 
 
@@ -163,7 +159,7 @@ def test_released_resnet101_layout_all_684_keys(tmp_path: Path, caplog: pytest.L
     assert model.config.pixel_convention == "official" and model.config.options.decoder_channels == 512
     for key, value in source.state_dict().items():
         assert torch.equal(model.state_dict()[key], value), key
-    src, trg = _images(1, 64)
+    src, trg = random_images(1, 64)
     kps, valid = torch.tensor([[[10.0, 20.0], [40.0, 33.0]]]), torch.ones(1, 2, dtype=torch.bool)
     with torch.no_grad():
         predictions = model.eval()(src, trg, kps, valid)
@@ -323,7 +319,7 @@ def test_released_model_predicts_what_the_official_code_predicts(tmp_path: Path,
         state = released_state(source, RESNET_NAMES, set(source.backbone.encoder.state_dict()), RESNET_PREFIX)
         model, size = official_model(state, config), 64
     model.eval()
-    src, trg = _images(2, size, seed=3)
+    src, trg = random_images(2, size, seed=3)
     generator = torch.Generator().manual_seed(4)
     src_wh, trg_wh = torch.tensor([[500, 375], [333, 500]]), torch.tensor([[320, 240], [500, 281]])
     kps = torch.rand(2, 6, 2, generator=generator) * (src_wh.unsqueeze(1) - 1)

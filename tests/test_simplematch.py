@@ -21,19 +21,10 @@ from sm_model.matching import Matches
 from sm_model.official import load_official_checkpoint
 from sm_model.simplematch import SimpleMatchOptions
 from sm_model.simplematch.model import SimpleMatch
+from tests.random_inputs import random_images, random_keypoints
 
 TINY = ModelConfig(backbone="dinov2_vits14", image_size=56, window_size=5, options=SimpleMatchOptions(decoder_channels=16, coarse_window_sizes=(None, 3)))
 """ViT-S/14 with LoRA on blocks 6-11 at 56 px: 4x4 tokens, a 14x14 map at 1/4."""
-
-
-def _images(batch: int, size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    src, trg = torch.randn(2, batch, 3, size, size, generator=generator)
-    return src, trg
-
-
-def _keypoints(batch: int, count: int, size: int, seed: int = 1) -> torch.Tensor:
-    return torch.rand(batch, count, 2, generator=torch.Generator().manual_seed(seed)) * (size - 1)
 
 
 def _perturb(model: nn.Module, trainable_only: bool = False) -> nn.Module:
@@ -59,9 +50,9 @@ def _weights_file(backbone: str, path: Path) -> str:
 
 
 def _run(model: SimpleMatch, size: int, count: int = 3) -> list[torch.Tensor]:
-    src, trg = _images(2, size)
+    src, trg = random_images(2, size)
     with torch.no_grad():
-        outputs = model.eval()(src, trg, _keypoints(2, count, size), torch.ones(2, count, dtype=torch.bool))
+        outputs = model.eval()(src, trg, random_keypoints(2, count, size), torch.ones(2, count, dtype=torch.bool))
     return [matches.points for matches in outputs]
 
 
@@ -78,8 +69,8 @@ def _assert_same_state(first: nn.Module, second: nn.Module) -> None:
 def test_forward_predicts_inside_the_input_and_keeps_invalid_keypoints_finite() -> None:
     torch.manual_seed(0)
     model = SimpleMatch(TINY)
-    src, trg = _images(2, 56)
-    keypoints = _keypoints(2, 4, 56)
+    src, trg = random_images(2, 56)
+    keypoints = random_keypoints(2, 4, 56)
     keypoints[0, 3] = float("nan")
     keypoints[1, 2:] = -1.0  # the official padding value
     valid = torch.tensor([[True, True, True, False], [True, True, False, False]])
@@ -102,9 +93,9 @@ def test_official_dinov2_config_at_252() -> None:
     model = SimpleMatch(ModelConfig())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert trainable == 24_193_536 + 368_640  # decoder + LoRA on fc2 of blocks 6-11, r = 16
-    src, trg = _images(1, 252)
+    src, trg = random_images(1, 252)
     with torch.no_grad():
-        (matches,) = model.eval()(src, trg, _keypoints(1, 2, 252), torch.ones(1, 2, dtype=torch.bool))
+        (matches,) = model.eval()(src, trg, random_keypoints(1, 2, 252), torch.ones(1, 2, dtype=torch.bool))
     predictions = matches.points
     assert predictions.shape == (1, 2, 2) and torch.isfinite(predictions).all()
 
@@ -112,8 +103,8 @@ def test_official_dinov2_config_at_252() -> None:
 def test_multiscale_vit_predicts_coarse_to_fine_and_weighs_each_scale() -> None:
     model = SimpleMatch(dataclasses.replace(TINY, options=dataclasses.replace(TINY.options, multiscale=True, scale_weights=(0.5, 2.0, 3.0))))
     assert model.window_sizes == (None, 3, 5)
-    src, trg = _images(2, 56)
-    keypoints, target = _keypoints(2, 3, 56), _keypoints(2, 3, 56, seed=2)
+    src, trg = random_images(2, 56)
+    keypoints, target = random_keypoints(2, 3, 56), random_keypoints(2, 3, 56, seed=2)
     valid = torch.tensor([[True, True, False], [True, False, False]])
     outputs = model(src, trg, keypoints, valid)
     assert [matches.points.shape for matches in outputs] == [(2, 3, 2)] * 3
@@ -125,8 +116,8 @@ def test_multiscale_vit_predicts_coarse_to_fine_and_weighs_each_scale() -> None:
 
 def test_single_scale_loss_uses_the_last_weight() -> None:
     model = SimpleMatch(dataclasses.replace(TINY, options=dataclasses.replace(TINY.options, scale_weights=(5.0, 3.0, 2.0))))
-    src, trg = _images(2, 56)
-    keypoints, target, valid = _keypoints(2, 3, 56), _keypoints(2, 3, 56, seed=2), torch.ones(2, 3, dtype=torch.bool)
+    src, trg = random_images(2, 56)
+    keypoints, target, valid = random_keypoints(2, 3, 56), random_keypoints(2, 3, 56, seed=2), torch.ones(2, 3, dtype=torch.bool)
     outputs = model(src, trg, keypoints, valid)
     expected = 2.0 * keypoint_loss(outputs[0].points, target, valid)
     torch.testing.assert_close(model.loss(outputs, target, valid), expected)
@@ -145,8 +136,8 @@ def test_gradients_reach_decoder_and_lora_and_not_the_frozen_backbone() -> None:
         for name, parameter in model.named_parameters():
             if name.endswith("lora_B"):
                 parameter.normal_(std=0.1)
-    src, trg = _images(2, 56)
-    keypoints, target, valid = _keypoints(2, 3, 56), _keypoints(2, 3, 56, seed=2), torch.ones(2, 3, dtype=torch.bool)
+    src, trg = random_images(2, 56)
+    keypoints, target, valid = random_keypoints(2, 3, 56), random_keypoints(2, 3, 56, seed=2), torch.ones(2, 3, dtype=torch.bool)
     model.loss(model(src, trg, keypoints, valid), target, valid).backward()
     gradients = {name: p.grad for name, p in model.named_parameters()}
     lora = {name for name in gradients if name.endswith(("lora_A", "lora_B"))}
@@ -172,7 +163,7 @@ def test_predict_maps_original_pixels_through_the_input_and_back(monkeypatch: py
         return [coarse, Matches(finest, scores, 4)]  # coarse first: predict must take the last
 
     monkeypatch.setattr(model, "match", fake_match)
-    src, trg = _images(1, 56)
+    src, trg = random_images(1, 56)
     src_kps = torch.tensor([[[10.0, 3.0], [0.0, 0.0]]])
     src_sizes, trg_sizes = torch.tensor([[112, 28]]), torch.tensor([[28, 112]])
     predictions = model.predict(src, trg, src_kps, torch.ones(1, 2, dtype=torch.bool), src_sizes, trg_sizes)
@@ -339,8 +330,8 @@ def test_official_ibot_full_checkpoint(tmp_path: Path) -> None:
 def test_bfloat16_autocast_predicts_float32_close_to_float32() -> None:
     torch.manual_seed(0)
     model = SimpleMatch(TINY).eval()
-    src, trg = _images(2, 56)
-    keypoints, valid = _keypoints(2, 3, 56), torch.ones(2, 3, dtype=torch.bool)
+    src, trg = random_images(2, 56)
+    keypoints, valid = random_keypoints(2, 3, 56), torch.ones(2, 3, dtype=torch.bool)
     with torch.no_grad():
         full = model(src, trg, keypoints, valid)[0].points
         with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -164,8 +164,6 @@ def test_baseline_configs_hold_the_survey_recipe() -> None:
 
 
 def test_baseline_trains_through_ray_train_and_evaluates(ray_cluster: str, demo_shards: Path, tmp_path: Path) -> None:
-    from sm_eval.evaluate import EvalRequest, evaluate
-    from sm_eval.runner import EvalSettings
     from sm_train.trainer import build_trainer
 
     config = load_config(
@@ -193,20 +191,28 @@ def test_baseline_trains_through_ray_train_and_evaluates(ray_cluster: str, demo_
         assert load_model(checkpoint).config.kind == "baseline"
         state = torch.load(Path(directory) / STATE_FILE, weights_only=True)
         assert state["scheduler"]["last_epoch"] == 1 and state["position"]["epoch"] == 1
-        report = evaluate(
-            EvalRequest(
-                checkpoints=(str(checkpoint),),
-                shards=str(demo_shards),
-                out=str(tmp_path / "eval"),
-                split="test",
-                settings=EvalSettings(batch_size=15, loader_workers=0, threads=2),
-                device="cpu",
-                matches=0,
-                progress=False,
-            )
+        assert_evaluates(checkpoint, demo_shards, tmp_path / "eval", "baseline")
+
+
+def assert_evaluates(checkpoint: Path, shards: Path, out: Path, kind: str) -> None:
+    """``sm_eval`` scores a trained ``kind`` checkpoint on the demo test split: PCK in [0, 1] in both frames."""
+    from sm_eval.evaluate import EvalRequest, evaluate
+    from sm_eval.runner import EvalSettings
+
+    report = evaluate(
+        EvalRequest(
+            checkpoints=(str(checkpoint),),
+            shards=str(shards),
+            out=str(out),
+            split="test",
+            settings=EvalSettings(batch_size=15, loader_workers=0, threads=2),
+            device="cpu",
+            matches=0,
+            progress=False,
         )
+    )
     (model,) = report["models"]
-    assert model["config"]["kind"] == "baseline"
+    assert model["config"]["kind"] == kind
     for frame in ("original", "resized"):
         overall = model["results"][frame]["overall"]
         assert all(math.isfinite(value) and 0.0 <= value <= 1.0 for value in overall["per_image"])

@@ -34,6 +34,8 @@ from sm_model.vitsc.model import FlowMatches, ViTSC
 from sm_model.vitsc.upsampler import FlowUpsampler, upsample
 from sm_train.config import load_config, resolve_paths, trainable_kinds
 from tests.conftest import REPO_ROOT
+from tests.random_inputs import random_images, random_keypoints
+from tests.test_train_kinds import assert_evaluates
 
 TINY = ModelConfig(
     kind="vitsc", backbone="dinov2_vits14", image_size=56, finetune="last_blocks", finetune_blocks=4, final_norm=True
@@ -51,16 +53,6 @@ UPSAMPLER = (81 * 256 + 256) + (256 * 192 * 9 + 192) + (2 * 128 * 49 + 128) + (1
 def tiny() -> ViTSC:
     torch.manual_seed(0)
     return create_model(TINY)
-
-
-def _images(batch: int, size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    src, trg = torch.randn(2, batch, 3, size, size, generator=generator)
-    return src, trg
-
-
-def _keypoints(batch: int, count: int, size: int, seed: int = 1) -> torch.Tensor:
-    return torch.rand(batch, count, 2, generator=torch.Generator().manual_seed(seed)) * (size - 1)
 
 
 def _count(module: nn.Module | None) -> int:
@@ -193,8 +185,8 @@ def test_module_shapes(tiny: ViTSC) -> None:
         return lambda module, inputs, output: seen.__setitem__(name, (inputs, output))
 
     hooks = [getattr(tiny, name).register_forward_hook(keep(name)) for name in ("backbone", "proj", "cross", "low_encoder", "upsampler")]
-    src, trg = _images(2, 56)
-    kps = _keypoints(2, 3, 56)
+    src, trg = random_images(2, 56)
+    kps = random_keypoints(2, 3, 56)
     valid = torch.tensor([[True, True, False], [True, True, True]])
     try:
         with torch.no_grad():
@@ -426,9 +418,9 @@ def test_the_temperature_is_learned(tiny: ViTSC) -> None:
     model = copy.deepcopy(tiny)
     model.config = replace_fields(model.config, {"vitsc.aux_weight": 0.0}, "test")
     assert model.temperature.item() == pytest.approx(0.03) and model.log_temperature.item() == pytest.approx(math.log(0.03))
-    src, trg = _images(1, 56)
-    kps, valid = _keypoints(1, 4, 56), torch.ones(1, 4, dtype=torch.bool)
-    model.loss(model(src, trg, kps, valid), _keypoints(1, 4, 56, seed=2), valid).backward()
+    src, trg = random_images(1, 56)
+    kps, valid = random_keypoints(1, 4, 56), torch.ones(1, 4, dtype=torch.bool)
+    model.loss(model(src, trg, kps, valid), random_keypoints(1, 4, 56, seed=2), valid).backward()
     assert model.log_temperature.grad is not None and model.log_temperature.grad.abs() > 0
     torch.optim.Adam([model.log_temperature], lr=1.0).step()
     assert model.temperature.item() > 0 and model.temperature.item() != pytest.approx(0.03)
@@ -440,9 +432,9 @@ def test_where_the_gradients_go(tiny: ViTSC) -> None:
     zero, so on the very first step nothing reaches the L-Encoder (its only path): the check is on
     the second step, as in training."""
     model = copy.deepcopy(tiny).train()
-    src, trg = _images(2, 56)
-    kps, valid = _keypoints(2, 5, 56), torch.ones(2, 5, dtype=torch.bool)
-    target = _keypoints(2, 5, 56, seed=2)
+    src, trg = random_images(2, 56)
+    kps, valid = random_keypoints(2, 5, 56), torch.ones(2, 5, dtype=torch.bool)
+    target = random_keypoints(2, 5, 56, seed=2)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     model.loss(model(src, trg, kps, valid), target, valid).backward()
     assert all(p.grad is not None for p in model.low_encoder.parameters())
@@ -468,7 +460,7 @@ def test_where_the_gradients_go(tiny: ViTSC) -> None:
 
 
 def test_points_are_finite_and_inside_the_image_on_every_scale(tiny: ViTSC) -> None:
-    src, trg = _images(2, 56, seed=5)
+    src, trg = random_images(2, 56, seed=5)
     kps = torch.tensor([[[0.0, 0.0], [55.0, 55.0], [-0.5, 27.0], [30.0, 1e9]], [[10.0, 40.0], [27.5, 27.5], [3.0, 50.0], [0.0, 0.0]]])
     valid = torch.tensor([[True, True, True, False], [True, True, True, True]])
     with torch.no_grad():
@@ -493,8 +485,8 @@ def test_a_tiny_vitsc_overfits_one_pair() -> None:
     )
     torch.manual_seed(0)
     model = create_model(config).train()
-    src, trg = _images(1, 56, seed=7)
-    kps, target = _keypoints(1, 6, 56, seed=8), _keypoints(1, 6, 56, seed=9)
+    src, trg = random_images(1, 56, seed=7)
+    kps, target = random_keypoints(1, 6, 56, seed=8), random_keypoints(1, 6, 56, seed=9)
     valid = torch.ones(1, 6, dtype=torch.bool)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     losses, errors = [], []
@@ -526,8 +518,8 @@ def test_checkpoint_round_trip(tiny: ViTSC, tmp_path: Path) -> None:
         for module in model.modules():
             if isinstance(module, nn.BatchNorm2d):
                 module.running_mean.uniform_(-0.5, 0.5)
-    src, trg = _images(1, 56, seed=3)
-    kps, valid = _keypoints(1, 5, 56), torch.ones(1, 5, dtype=torch.bool)
+    src, trg = random_images(1, 56, seed=3)
+    kps, valid = random_keypoints(1, 5, 56), torch.ones(1, 5, dtype=torch.bool)
     with torch.no_grad():
         expected = model(src, trg, kps, valid)
     save_checkpoint(model, tmp_path / "full.pt")
@@ -554,8 +546,8 @@ def test_a_model_saved_at_one_size_predicts_at_another(tiny: ViTSC, tmp_path: Pa
     save_checkpoint(tiny, tmp_path / "model.pt")
     loaded = load_model(tmp_path / "model.pt", image_size=112).eval()
     assert loaded.input_spec.size == 112 and loaded.config.options.halfwidth(112) == 4
-    src, trg = _images(1, 112)
-    kps, valid = _keypoints(1, 3, 112), torch.ones(1, 3, dtype=torch.bool)
+    src, trg = random_images(1, 112)
+    kps, valid = random_keypoints(1, 3, 112), torch.ones(1, 3, dtype=torch.bool)
     with torch.no_grad():
         encoded = loaded.encode(src, trg)
         coarse, fine = loaded.match(encoded, kps, valid)
@@ -573,9 +565,9 @@ def test_a_model_saved_at_one_size_predicts_at_another(tiny: ViTSC, tmp_path: Pa
 def test_ablation_knobs(tiny: ViTSC) -> None:
     """The paper's tables vary: cross-perception layers (0: none), the upsampler (bilinear, cnn,
     guided by C_high, guided by C_low), the L-Encoder, the kernel, the backbone."""
-    src, trg = _images(1, 56)
-    kps, valid = _keypoints(1, 4, 56), torch.ones(1, 4, dtype=torch.bool)
-    target = _keypoints(1, 4, 56, seed=4)
+    src, trg = random_images(1, 56)
+    kps, valid = random_keypoints(1, 4, 56), torch.ones(1, 4, dtype=torch.bool)
+    target = random_keypoints(1, 4, 56, seed=4)
     variants = {  # knobs paired up to build fewer models; each knob is in one
         "layers=0, bilinear": ({"vitsc.layers": 0, "vitsc.upsampler": "bilinear"}, 384),
         "layers=3, cnn, no kernel": ({"vitsc.layers": 3, "vitsc.upsampler": "cnn", "vitsc.kernel": False}, 256),
@@ -608,13 +600,11 @@ def test_ablation_knobs(tiny: ViTSC) -> None:
     ibot = _meta_model(dataclasses.replace(TINY, backbone="ibot_vitb16", image_size=224, finetune_blocks=8))
     assert ibot.backbone.spec.strides == (16,) and _count(ibot.proj) == PROJECTION_B14
     with pytest.raises(ValueError, match="multiples of 56"):
-        tiny.encode(*_images(1, 84))
+        tiny.encode(*random_images(1, 84))
 
 
 @pytest.mark.e2e
 def test_the_demo_trains_through_ray_train_and_evaluates(ray_cluster: str, demo_shards: Path, tmp_path: Path) -> None:
-    from sm_eval.evaluate import EvalRequest, evaluate
-    from sm_eval.runner import EvalSettings
     from sm_train.trainer import build_trainer
 
     config = load_config(
@@ -638,20 +628,4 @@ def test_the_demo_trains_through_ray_train_and_evaluates(ray_cluster: str, demo_
     with result.checkpoint.as_directory() as directory:
         checkpoint = Path(directory) / "model.pt"
         assert load_model(checkpoint).config.kind == "vitsc"
-        report = evaluate(
-            EvalRequest(
-                checkpoints=(str(checkpoint),),
-                shards=str(demo_shards),
-                out=str(tmp_path / "eval"),
-                split="test",
-                settings=EvalSettings(batch_size=15, loader_workers=0, threads=2),
-                device="cpu",
-                matches=0,
-                progress=False,
-            )
-        )
-    (model,) = report["models"]
-    assert model["config"]["kind"] == "vitsc"
-    for frame in ("original", "resized"):
-        overall = model["results"][frame]["overall"]
-        assert all(math.isfinite(value) and 0.0 <= value <= 1.0 for value in overall["per_image"])
+        assert_evaluates(checkpoint, demo_shards, tmp_path / "eval", "vitsc")

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
-from sm_eval.match import add_model_options, load_match_model
+from sm_eval.match import add_model_options, load_model_from_args
 from sm_eval.runner import DTYPES, EvalSettings, local_device
 from sm_eval.viewer.access import DEFAULT_MAX_UPLOAD_MB, Roots, host_warning, parse_upload_cap
 
@@ -89,15 +89,7 @@ def _config(parser: argparse.ArgumentParser, args: argparse.Namespace):
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        model, name = load_match_model(
-            args.model,
-            backbone_weights=args.backbone_weights,
-            official_config=args.official_config,
-            image_size=args.image_size,
-            localizer=args.localizer,
-            model_options=args.model_options,
-            endpoint_url=args.s3_endpoint_url,
-        )
+        model, name = load_model_from_args(args)
     except (OSError, ValueError, RuntimeError) as error:
         print(f"sm_eval.viewer: error: {error}", file=sys.stderr)
         return None

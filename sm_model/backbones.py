@@ -159,10 +159,22 @@ class ViTBackbone(Backbone):
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         """images [B, 3, H, W] -> [tokens [B, C, H/p, W/p]]."""
+        x, (height, width) = self._encode(images)
+        patches = x[:, self.encoder.num_prefix_tokens :]
+        return [patches.reshape(len(x), height, width, -1).permute(0, 3, 1, 2).contiguous()]
+
+    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, H, W] -> ``[B, 1 + h*w, C]``: the CLS token, then the patch tokens in
+        row-major order (registers left out), as :meth:`forward` reads them."""
+        x, _ = self._encode(images)
+        return torch.cat([x[:, :1], x[:, self.encoder.num_prefix_tokens :]], dim=1)
+
+    def _encode(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Every output token ``[B, prefix + h*w, C]`` and the patch grid ``(h, w)``."""
         self.check_input(images)
         encoder = self.encoder
         patches = encoder.patch_embed(images)  # [B, h, w, C]
-        batch, height, width, channels = patches.shape
+        height, width = patches.shape[1:3]
         if self.position_resampling == "timm":
             x = encoder._pos_embed(patches)
         else:
@@ -172,8 +184,7 @@ class ViTBackbone(Backbone):
             x = block(x)
         if self.final_norm:
             x = encoder.norm(x)
-        tokens = x[:, encoder.num_prefix_tokens :]
-        return [tokens.reshape(batch, height, width, channels).permute(0, 3, 1, 2).contiguous()]
+        return x, (height, width)
 
     def _add_positions_official(self, patches: torch.Tensor) -> torch.Tensor:
         """``patches`` ``[B, h, w, C]`` -> tokens ``[B, prefix + h*w, C]`` with prefix tokens

@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import importlib
 import math
+import re
 import reprlib
 import types
 from collections.abc import Callable, Mapping
@@ -56,6 +57,17 @@ MAX_WINDOW = 1024
 """The widest localization window, in cells."""
 
 
+_VIT_PATCH = re.compile(r"vit[a-z](\d+)")
+
+
+def vit_patch(backbone: str) -> int | None:
+    """The patch size of the ViT ``backbone`` (a name of :data:`sm_model.backbones.BACKBONES`,
+    read from it without torch: ``dinov2_vitb14`` -> 14, ``ibot_vitb16`` -> 16); ``None`` for a
+    backbone that is not a ViT."""
+    found = _VIT_PATCH.search(backbone)
+    return int(found.group(1)) if found else None
+
+
 class OutOfRange(ValueError):
     """A field's value outside its range; the message starts with the field's name, which
     :func:`from_dict` turns into the dotted key (``train.batch_size must be ...``)."""
@@ -90,7 +102,7 @@ class KindInfo:
 
 KINDS: dict[str, KindInfo] = {}
 """Every registered model kind by name; read it through :func:`model_kinds`."""
-KIND_PACKAGES = ("sm_model.simplematch", "sm_model.feature_matcher", "sm_model.vitsc")
+KIND_PACKAGES = ("sm_model.simplematch", "sm_model.feature_matcher", "sm_model.vitsc", "sm_model.lpmflow")
 """The packages whose import registers the kinds (their ``config`` modules; no torch)."""
 
 

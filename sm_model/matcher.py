@@ -14,6 +14,7 @@ owns its input and encodes a pair once to match any points:
   keypoints ``[B, N, 2]`` in input pixels; ``forward`` is ``match(encode(src, trg), ...)``;
 - ``loss(outputs, target, valid) -> Tensor``: the training loss of the matches against the target
   keypoints in input pixels (a ``RuntimeError`` for a kind that trains nothing);
+- :meth:`MatchModel.set_epoch`: the training epoch, for a kind whose loss depends on it;
 - :meth:`MatchModel.predict_matches` and :meth:`MatchModel.match_original`: from and to
   original-image pixels, in eval mode, shared by every kind.
 """
@@ -85,6 +86,10 @@ class MatchModel(nn.Module):
         ``window`` method, ``config.beta`` and ``config.kernel_sigma``."""
         config = self.config
         return Localization(config.localizer_method, config.beta, window, config.kernel_sigma)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Told the (0-based) epoch at the start of each training epoch (``sm_train`` calls it on
+        every worker); a kind whose training depends on the epoch overrides it."""
 
     def encode(self, src: Tensor, trg: Tensor) -> Encoded:
         raise NotImplementedError

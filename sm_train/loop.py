@@ -109,6 +109,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             _log_scalars(writer, position.initial_val, 0)
 
     for epoch in range(position.epoch, config.train.epochs):
+        model.set_epoch(epoch)
         plan = plan_epoch(train_counts, world_size, config.train.batch_size, config.train.seed, epoch)
         steps = min(plan.steps, config.train.max_steps_per_epoch or plan.steps)
         if rank == 0 and position.step == 0:

@@ -18,6 +18,7 @@ from sm_model.config import ConfigError, ModelConfig, from_dict, replace_fields,
 from sm_model.factory import RANDOM_WEIGHTS, create_model, read_model_file
 from sm_model.feature_matcher import BaselineOptions, ZeroShotOptions
 from sm_model.inputs import IMAGENET_MEAN, IMAGENET_STD, InputSpec
+from sm_model.lpmflow import LpmflowOptions
 from sm_model.matcher import MatchModel
 from sm_model.registry import zero_shot_config
 from sm_model.simplematch import SimpleMatchOptions
@@ -56,6 +57,14 @@ KINDS = {
         finetune_blocks=2,
         final_norm=True,
         options=VitscOptions(dim=32, heads=4),
+    ),
+    "lpmflow": ModelConfig.of_kind(
+        "lpmflow",
+        backbone="dinov2_vits14",
+        image_size=56,
+        finetune="last_blocks",
+        finetune_blocks=2,
+        options=LpmflowOptions(input_size=64, encoder_depth=1, heads=4, context_channels=8),
     ),
 }
 
@@ -98,7 +107,7 @@ def test_match_of_encode_equals_forward_for_any_keypoints(model: MatchModel) -> 
 def test_prepare_is_a_float_network_input(model: MatchModel) -> None:
     image = np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8)
     prepared = model.prepare(image)
-    size = model.config.image_size
+    size = model.input_spec.size
     assert prepared.dtype == torch.float32 and prepared.shape == (3, size, size)
     spec = model.input_spec
     expected = (spec.resize(image).float() / 255 - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(
@@ -126,6 +135,19 @@ def test_match_original_refuses_an_encoding_of_another_size(model: MatchModel) -
 
 
 # ---- the front door ----------------------------------------------------------------------------
+
+
+def test_checkpoint_round_trip_of_every_kind(model: MatchModel, tmp_path: Path) -> None:
+    save_checkpoint(model, tmp_path / "model.pt")
+    loaded = create_model(tmp_path).eval()
+    assert loaded.config == model.config and type(loaded) is type(model)
+    for (name, saved), restored in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(saved, restored), name
+    size = model.input_spec.size
+    src, trg = _pair(size, batch=1)
+    kps, valid = _keypoints(size, 1, 4, 0)
+    with torch.no_grad():
+        _assert_same(loaded(src, trg, kps, valid), model(src, trg, kps, valid))
 
 
 def test_the_front_door_takes_a_config_a_checkpoint_a_folder_and_bytes(tmp_path: Path) -> None:
@@ -193,7 +215,10 @@ def test_each_kind_has_its_section_under_its_name() -> None:
             r"unknown key 'model\.simplematch\.decoder_chanels' \(did you mean 'decoder_channels'\?\)",
         ),
         ({"simplematch": [1, 2]}, r"model\.simplematch must be a mapping of simplematch options"),
-        ({"kind": "lpm"}, r"model\.kind='lpm' is not one of \['baseline', 'simplematch', 'vitsc', 'zero-shot'\]"),
+        (
+            {"kind": "lpm"},
+            r"model\.kind='lpm' is not one of \['baseline', 'lpmflow', 'simplematch', 'vitsc', 'zero-shot'\]",
+        ),
         ({"bogus": 1}, r"unknown key 'model\.bogus'"),
     ],
 )

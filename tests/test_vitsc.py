@@ -20,12 +20,12 @@ from torch import nn
 
 from sm_model.backbones import BACKBONES, create_encoder
 from sm_model.checkpoint import load_checkpoint, load_model, save_checkpoint
-from sm_model.config import ConfigError, ModelConfig, from_dict, model_kinds, replace_fields
+from sm_model.config import ConfigError, ModelConfig, from_dict, model_kinds, replace_fields, vit_patch
 from sm_model.factory import create_model
 from sm_model.matching import Matches
 from sm_model.registry import build_model
 from sm_model.vitsc import VitscOptions
-from sm_model.vitsc.config import size_multiple, vit_patch
+from sm_model.vitsc.config import size_multiple
 from sm_model.vitsc.correlation import coarse_flow, cosine_correlation, local_lookup, read_flow
 from sm_model.vitsc.cross_perception import CrossPerception, CrossPerceptionBlock, sine_positions
 from sm_model.vitsc.losses import epe_loss, pseudo_flow, triplet_loss

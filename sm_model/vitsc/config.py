@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Literal
 
@@ -17,6 +16,7 @@ from sm_model.config import (
     between,
     register_kind,
     require,
+    vit_patch,
 )
 
 if TYPE_CHECKING:
@@ -34,17 +34,6 @@ LOW_STRIDE = 4
 """The stride of the L-Encoder's features."""
 MAX_RADIUS = 32
 """The largest lookup radius: (2r + 1)^2 = 4,225 correlation channels."""
-
-_VIT_PATCH = re.compile(r"vit[a-z](\d+)")
-
-
-def vit_patch(backbone: str) -> int | None:
-    """The patch size of the ViT ``backbone`` (a name of :data:`sm_model.backbones.BACKBONES`,
-    read from it without torch: ``dinov2_vitb14`` -> 14, ``ibot_vitb16`` -> 16); ``None`` for a
-    backbone that is not a ViT."""
-    found = _VIT_PATCH.search(backbone)
-    return int(found.group(1)) if found else None
-
 
 def size_multiple(backbone: str) -> int:
     """What ViTSC's input side must be a multiple of: lcm(patch, 8), so that the token grid, the

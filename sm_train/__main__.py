@@ -38,8 +38,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         epilog=(
             "Overrides are dotted config keys with YAML values, e.g. model.image_size=448 optim.lr=1e-4 "
             "run.num_workers=4 run.use_gpu=true run.storage_path=s3://bucket/runs.\n\n"
-            "Model kinds (model.kind): simplematch (default; configs/<backbone>_<size>_<dataset>.yaml) or\n"
-            "baseline, the survey's strong baseline (configs/baseline_*.yaml); a zero-shot model trains\n"
+            "Model kinds (model.kind): simplematch (default; configs/<backbone>_<size>_<dataset>.yaml),\n"
+            "baseline, the survey's strong baseline (configs/baseline_*.yaml), vitsc (configs/vitsc_*.yaml)\n"
+            "or lpmflow (configs/lpmflow_*.yaml); a zero-shot model trains\n"
             "nothing: evaluate it with python -m sm_eval --model zero-shot:BACKBONE. Any model predicts\n"
             "with model.localizer: argmax, dense, window or kernel (null: the kind's own).\n\nConfig keys:\n  "
             + "\n  ".join(config_keys())
@@ -47,6 +48,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--config", type=Path, help="YAML config (see configs/); defaults apply where it is silent")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    parser.add_argument(
+        "--backbone-weights",
+        metavar="PATH",
+        help="the pretrained backbone file to start from (model.weights; e.g. the iBOT teacher checkpoint for lpmflow)",
+    )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     parser.add_argument("--result-json", type=Path, help="write the final metrics and checkpoint path here")
     return parser.parse_args(argv)
@@ -56,7 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        config: TrainConfig = resolve_paths(load_config(args.config, args.overrides), Path.cwd())
+        overrides = [*args.overrides, *([f"model.weights={args.backbone_weights}"] if args.backbone_weights else [])]
+        config: TrainConfig = resolve_paths(load_config(args.config, overrides), Path.cwd())
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

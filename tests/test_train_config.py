@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import get_args
 
 import pytest
+import yaml
 import torch
 
 from pipelines.storage import Location, arrow_filesystem
@@ -248,6 +249,15 @@ def test_cli_refuses_a_bad_value_in_one_line(capsys: pytest.CaptureFixture) -> N
     assert captured.err.splitlines() == [
         f"error: {demo} with overrides train.batch_size=-4: train.batch_size must be at least 1, got -4"
     ]
+
+
+def test_cli_backbone_weights_set_the_model_weights(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    from sm_train.__main__ import main
+
+    demo = str(Path(__file__).resolve().parents[1] / "configs/demo.yaml")
+    teacher = tmp_path / "ibot_vitb16_teacher.pth"
+    assert main(["--config", demo, "--backbone-weights", str(teacher), "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["weights"] == str(teacher)
 
 
 def test_model_config_checks_its_own_ranges() -> None:

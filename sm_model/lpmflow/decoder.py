@@ -6,6 +6,8 @@ correlation" (the released ``MultiscaleDecoder``). Every attention branch goes t
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -13,7 +15,7 @@ from torch import Tensor, nn
 from sm_model.lpmflow.encoder import LAYER_NORM_EPS, Mlp
 from sm_model.matching import without_autocast
 
-_E_MINUS_4 = float(torch.exp(torch.tensor(-4.0)))
+_E_MINUS_4 = math.exp(-4)
 
 
 def bounded_activation(x: Tensor) -> Tensor:

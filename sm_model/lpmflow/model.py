@@ -91,8 +91,12 @@ class LPMFlow(MatchModel):
         self.epoch: int | None = None
         if options.train_pe:
             self.train_pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid**2, dim))
-        self.grid_x = nn.Parameter(torch.linspace(-1, 1, up), requires_grad=options.learn_grid)
-        self.grid_y = nn.Parameter(torch.linspace(-1, 1, up), requires_grad=options.learn_grid)
+        for name in ("grid_x", "grid_y"):  # the soft-argmax coordinates, in [-1, 1]
+            coordinates = torch.linspace(-1, 1, up)
+            if options.learn_grid:
+                self.register_parameter(name, nn.Parameter(coordinates))
+            else:
+                self.register_buffer(name, coordinates)
         self.encoder = JointEncoder(
             dim, self.grid, options.encoder_depth, options.heads, options.mlp_ratio, options.dropout
         )

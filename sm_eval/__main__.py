@@ -1,6 +1,6 @@
 """``python -m sm_eval``: PCK of one or more models on a split of a shard set: checkpoints of any
-kind (SimpleMatch, the survey's baseline), released SimpleMatch checkpoints, and zero-shot
-pretrained features.
+kind (SimpleMatch, the survey's baseline), released SimpleMatch checkpoints and LPMFlow folders,
+and zero-shot pretrained features.
 
     python -m sm_eval --model runs/spair/checkpoint_000010 --shards s3://bucket/spair-shards \\
         --split test --workers 4 --out eval/spair-test
@@ -10,7 +10,8 @@ pretrained features.
         --official-config configs/dinov2_vitb14_448_spair.yaml --backbone-weights dinov2_vitb14_pretrain.pth \
         --shards data/shards/spair --out eval/released-448
 
-A released ``best_model.pth`` is recognised by its keys and converted once in this process
+A released ``best_model.pth`` is recognised by its keys (a released LPMFlow folder by its
+``args.pkl`` and ``model_best.pth``, no ``--official-config``) and converted once in this process
 (:mod:`sm_eval.checkpoints`), so the workers, local or Ray, load it as any checkpoint.
 ``--workers 0`` (the default) predicts in this process without Ray; ``--workers N`` starts or joins
 a Ray cluster (``--ray-address``, or ``RAY_ADDRESS`` as ``ray job submit`` sets it; else a local
@@ -39,8 +40,9 @@ log = logging.getLogger("sm_eval")
 EPILOG = """\
 models (--model, repeatable; --checkpoint is the same option):
   PATH_OR_S3           a checkpoint file or a Ray Train checkpoint directory holding model.pt, of
-                       any kind (simplematch, baseline, zero-shot; the checkpoint records it), or a
-                       released best_model.pth with --official-config
+                       any kind (simplematch, baseline, zero-shot; the checkpoint records it), a
+                       released best_model.pth with --official-config, or a released LPMFlow folder
+                       (args.pkl and model_best.pth, as its test.py --pretrained takes)
   zero-shot:BACKBONE   a frozen pretrained backbone's last-layer features, no training, no checkpoint:
                        dinov2_vit{s,b,l,g}14[_reg4], ibot_vitb16, resnet18/50/101; final LayerNorm on
                        for ViTs (--set final_norm=false: off); weights from the timm hub, or
@@ -107,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument(
         "--model", "--checkpoint", dest="models", action="append", required=True, metavar="PATH_OR_S3|zero-shot:NAME",
         help="a save_checkpoint file or a (Ray Train) checkpoint directory holding model.pt (any kind), a released "
-        "best_model.pth (with --official-config), local or s3://; or zero-shot:BACKBONE (below). Repeat to "
+        "best_model.pth (with --official-config) or LPMFlow folder (args.pkl, model_best.pth), local or s3://; "
+        "or zero-shot:BACKBONE (below). Repeat to "
         "compare models on the same pairs",
     )  # fmt: skip
     what.add_argument(

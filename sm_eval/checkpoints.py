@@ -1,5 +1,5 @@
 """Models to evaluate: found (a checkpoint file, a directory holding ``model.pt``, locally or on
-S3; a released file; ``zero-shot:NAME``), built once by the driver through the front door
+S3; a released file or LPMFlow folder; ``zero-shot:NAME``), built once by the driver through the front door
 (:func:`sm_model.factory.create_model`) with the run's overrides, shipped to every worker as a full
 checkpoint whose config is the effective one, and named for the reports.
 
@@ -10,7 +10,8 @@ what one process predicts; a ViT-B ships as about 350 MB, a ViT-G about 4.5 GB.
 
 A released SimpleMatch checkpoint (``best_model.pth``, :mod:`sm_model.released`) takes its
 run-time settings from a training config's ``model:`` section (:class:`OfficialSettings`) and
-predicts in the official pixel convention and image resize.
+predicts in the official pixel convention and image resize. A released LPMFlow folder
+(``args.pkl`` and ``model_best.pth``) needs no config: its arguments and weights say it all.
 """
 
 from __future__ import annotations
@@ -29,6 +30,15 @@ from sm_model.config import ModelConfig, from_dict, load_yaml, to_dict
 from sm_model.factory import ModelFile, create_model, read_model_file
 from sm_model.matcher import MatchModel
 from sm_model.registry import is_zero_shot_spec
+from sm_model.released import (
+    ARGS_FILE,
+    FOLDER_FILES,
+    MAX_ARGS_BYTES,
+    WEIGHTS_FILE,
+    missing_folder_file,
+    read_released_args,
+    read_released_weights,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +61,8 @@ class CheckpointFile:
     """A model resolved by the driver: ``name`` for reports, ``source`` as the user gave it,
     ``path`` the file read (a zero-shot model's spec), ``data`` the full checkpoint of the model
     built from it with the run's overrides, ``config`` that model's config (a dict: the effective
-    one, which every worker predicts with); ``official``: read from a released file."""
+    one, which every worker predicts with); ``official``: read from a released SimpleMatch file
+    (converted with an official config)."""
 
     name: str
     source: str
@@ -83,25 +94,28 @@ def open_model(
 ) -> tuple[MatchModel, str, bool]:
     """The model ``source`` names, built through the front door (:func:`sm_model.factory.create_model`)
     with the config ``overrides`` (a ``ConfigError`` naming the key for a bad one), the path it was
-    read from (a zero-shot model's spec) and whether it is a released file. ``source``: a checkpoint,
-    local or S3 (:func:`checkpoint_file`); a released file, converted with ``official_config`` and
-    ``backbone_weights`` (:class:`OfficialSettings`); or ``zero-shot:NAME`` with ``backbone_weights``
-    (``None``: the timm hub, :data:`~sm_model.factory.RANDOM_WEIGHTS`, or a local file)."""
+    read from (a zero-shot model's spec) and whether it is a released SimpleMatch file. ``source``: a
+    checkpoint, local or S3 (:func:`checkpoint_file`); a released file, converted with
+    ``official_config`` and ``backbone_weights`` (:class:`OfficialSettings`); a released LPMFlow
+    folder, local or S3 (neither applies); or ``zero-shot:NAME`` with ``backbone_weights`` (``None``:
+    the timm hub, :data:`~sm_model.factory.RANDOM_WEIGHTS`, or a local file)."""
     overrides = dict(overrides or {})
     if is_zero_shot_spec(source):
         model = create_model(source, backbone_weights=backbone_weights, **overrides)
         log.info("model %s: zero-shot, weights %s, image size %d", source, backbone_weights or "hub", model.config.image_size)
         return model, source, False
     file = _read_model_file(source, endpoint_url)
-    if file.released is not None and official_config is None:
+    official = file.released is not None and file.released_args is None
+    if official and official_config is None:
         raise ValueError(
             f"{file.name} is a released SimpleMatch checkpoint without its --official-config: give the training config "
             "of its backbone and size (e.g. configs/dinov2_vitb14_448_spair.yaml; one for all released checkpoints, or "
             "one each in order), and for DINOv2 LoRA --backbone-weights dinov2_vitb14_pretrain.pth"
         )
-    model = create_model(file, config=official_config, backbone_weights=backbone_weights, **overrides)
+    config = official_config if official else None  # a SimpleMatch config is no LPMFlow folder's
+    model = create_model(file, config=config, backbone_weights=backbone_weights, **overrides)
     check_finite(model, file.name)
-    return model, file.name, file.released is not None
+    return model, file.name, official
 
 
 def check_finite(model: MatchModel, name: str) -> None:
@@ -129,6 +143,9 @@ def resolve_model(
 
 
 def _read_model_file(source: str, endpoint_url: str | None) -> ModelFile:
+    folder = Location(source, endpoint_url)
+    if not folder.exists(MODEL_FILE) and any(folder.exists(file) for file in FOLDER_FILES):
+        return _read_released_folder(folder)
     directory, file_name = checkpoint_file(source, endpoint_url)
     path = directory.full(file_name)
     try:
@@ -137,6 +154,16 @@ def _read_model_file(source: str, endpoint_url: str | None) -> ModelFile:
         raise FileNotFoundError(_not_found(source)) from None
     log.info("model file %s (%.1f MiB)", path, len(data) / 2**20)
     return read_model_file(data, path)
+
+
+def _read_released_folder(folder: Location) -> ModelFile:
+    for file in FOLDER_FILES:
+        if not folder.exists(file):
+            raise missing_folder_file(folder.url, file)
+    args = read_released_args(folder.read_bytes(ARGS_FILE, MAX_ARGS_BYTES), folder.full(ARGS_FILE))
+    data = folder.read_bytes(WEIGHTS_FILE)
+    log.info("released folder %s (%.1f MiB of weights)", folder.url, len(data) / 2**20)
+    return ModelFile(folder.url, released=read_released_weights(data, folder.full(WEIGHTS_FILE)), released_args=args)
 
 
 def official_model_config(path: str) -> ModelConfig:
@@ -151,7 +178,10 @@ def official_model_config(path: str) -> ModelConfig:
 
 
 def _not_found(source: str) -> str:
-    return f"no checkpoint at {source}: expected a checkpoint file or a directory holding {MODEL_FILE}"
+    return (
+        f"no checkpoint at {source}: expected a checkpoint file, a directory holding {MODEL_FILE}, or a released "
+        f"LPMFlow folder holding {ARGS_FILE} and {WEIGHTS_FILE}"
+    )
 
 
 def resolve_models(

@@ -1,5 +1,5 @@
 """Matching points on your own images: any model (a checkpoint of any kind, a released
-``best_model.pth``, or ``zero-shot:BACKBONE``) on one source and one target image.
+``best_model.pth`` or LPMFlow folder, or ``zero-shot:BACKBONE``) on one source and one target image.
 
     python -m sm_eval.match --model runs/demo/epoch=0006-step=000000 cat.jpg cat2.jpg --grid 10 --out match-out
     python -m sm_eval.match --model zero-shot:dinov2_vitb14 --image-size 448 \\
@@ -79,7 +79,7 @@ SCORE_MEANING = (
 @dataclass(frozen=True)
 class ModelName:
     """Where a model came from: ``name`` for reports (:func:`~sm_eval.checkpoints.model_names`),
-    ``source`` as the user gave it, ``path`` the file read, ``official`` for a released file."""
+    ``source`` as the user gave it, ``path`` the file read, ``official`` for a released SimpleMatch file."""
 
     name: str
     source: str
@@ -268,7 +268,7 @@ def load_match_model(
     """The model of ``source`` as ``python -m sm_eval`` loads it, in eval mode on the CPU, with its
     :class:`ModelName` (its ``name`` for reports): a checkpoint file or a
     directory holding ``model.pt`` (local or ``s3://``), a released ``best_model.pth`` with
-    ``official_config``, or ``zero-shot:BACKBONE`` with ``backbone_weights`` (``None``: the timm hub,
+    ``official_config``, a released LPMFlow folder (``args.pkl``, ``model_best.pth``), or ``zero-shot:BACKBONE`` with ``backbone_weights`` (``None``: the timm hub,
     ``"random"``: untrained, else a local file). ``image_size``, ``localizer`` and ``model_options``
     (``key=value``) replace config fields (:class:`~sm_eval.runner.EvalSettings`)."""
     settings = EvalSettings(image_size=image_size, localizer=localizer, model_options=tuple(model_options))
@@ -581,8 +581,9 @@ in the source image: -0.5 <= x <= W - 0.5, -0.5 <= y <= H - 0.5.
                        N = S / stride (the finest feature map's side) puts them on the feature cells
 
 models: as python -m sm_eval --model: a checkpoint file or a directory holding model.pt (any kind),
-a released best_model.pth with --official-config, or zero-shot:BACKBONE (weights from the timm hub,
---backbone-weights FILE, or random). Localizers: {", ".join(LOCALIZERS)} (default: the model's own).
+a released best_model.pth with --official-config, a released LPMFlow folder (args.pkl and
+model_best.pth), or zero-shot:BACKBONE (weights from the timm hub, --backbone-weights FILE, or
+random). Localizers: {", ".join(LOCALIZERS)} (default: the model's own).
 
 outputs in --out (a local directory or s3:// prefix):
   matches.png   source and target side by side, a line per match coloured by its score
@@ -673,7 +674,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--model", "--checkpoint", dest="model", required=True, metavar="PATH_OR_S3|zero-shot:NAME",
         help="a checkpoint file or a directory holding model.pt (any kind), a released best_model.pth "
-        "(with --official-config), local or s3://; or zero-shot:BACKBONE",
+        "(with --official-config) or LPMFlow folder, local or s3://; or zero-shot:BACKBONE",
     )  # fmt: skip
     points = parser.add_mutually_exclusive_group(required=True)
     points.add_argument("--points", type=_points, metavar='"x,y;x,y"', help="source points, ';'-separated")

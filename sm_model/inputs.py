@@ -49,8 +49,11 @@ class InputSpec:
     @classmethod
     def of(cls, config: ModelConfig) -> InputSpec:
         """The input of a model built from ``config`` (every backbone here takes ImageNet
-        normalisation)."""
-        return cls(size=config.image_size, resize_method=config.image_resize, pixel_convention=config.pixel_convention)
+        normalisation): images at ``config.image_size``, or at the side its kind's options give by
+        ``input_side(config)`` for a kind that resizes inside the network (LPMFlow: 512 -> 256)."""
+        input_side = getattr(config.options, "input_side", None)
+        size = input_side(config) if input_side is not None else config.image_size
+        return cls(size=size, resize_method=config.image_resize, pixel_convention=config.pixel_convention)
 
     def resize(self, image: np.ndarray) -> Tensor:
         """``(H, W, 3)`` uint8 -> ``[3, S, S]`` uint8."""

@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--model", "--checkpoint", dest="model", required=True, metavar="PATH_OR_S3|zero-shot:NAME",
         help="a checkpoint file or a directory holding model.pt (any kind), a released best_model.pth "
-        "(with --official-config), local or s3://; or zero-shot:BACKBONE",
+        "(with --official-config) or LPMFlow folder, local or s3://; or zero-shot:BACKBONE",
     )  # fmt: skip
     parser.add_argument(
         "--evaluation", metavar="DIR_OR_S3", help="an sm_eval output folder to open in the Evaluation tab"

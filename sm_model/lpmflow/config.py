@@ -35,10 +35,16 @@ LayerNorm, DINO's position resampling; images resized by PIL's bilinear (torchvi
 of a PIL image, as the released loader does) and points scaled ``x * S / W`` (the ``official``
 convention, as the released loader scales keypoints)."""
 
+RELEASED_PIXELS_PER_FLOW_CELL = 4
+"""The released input frame, 512 pixels, over its 128 x 128 flow."""
 RELEASED_GT_HALFWIDTH = 17
 """Half the side of the released ground-truth box around each flow cell, in pixels of the
 512 x 512 frame (a 35 x 35 receptive field)."""
-RELEASED_FRAME = 512
+
+
+def flow_side(config: ModelConfig) -> int:
+    """The side of LPMFlow's flow grid, ``8g`` for the token grid ``g = image_size / patch``."""
+    return 8 * config.image_size // vit_patch(config.backbone)
 
 
 @register_kind("lpmflow", model="sm_model.lpmflow.model:LPMFlow", localizer="argmax", defaults=RELEASED_DEFAULTS)
@@ -46,9 +52,9 @@ RELEASED_FRAME = 512
 class LpmflowOptions:
     """``model.lpmflow:`` (``sm_model/README.md``, section LPMFlow, has every choice and its reason).
 
-    Frames: images come at ``input_size`` (``None``: twice ``image_size``, the released loader's
-    512) and the network resizes them to ``image_size`` (256) itself; the flow is at half of
-    ``image_size`` (128 x 128), in flow cells. Architecture: ``encoder_depth`` blocks of the joint
+    Frames: images come at ``input_size`` (``None``: 4 pixels per flow cell, the released loader's
+    512) and the network resizes them to ``image_size`` (256) itself; the flow is at 8 cells per
+    token (128 x 128), in flow cells. Architecture: ``encoder_depth`` blocks of the joint
     encoder, ``heads`` attention heads and an MLP ``mlp_ratio`` x wide everywhere, ``dropout`` in
     the encoder and decoders, the context feature of ``context_channels`` (``context_dropout``
     drops whole channels in training), the feature super-resolution's Swin window ``fsr_window``
@@ -61,7 +67,7 @@ class LpmflowOptions:
     by the CLS sum; InfoNCE at ``contrastive_temperature`` with the weight
     ``max(contrastive_weight / max(epoch, 1), contrastive_floor)``; the ground-truth flow gives
     every flow cell within ``gt_halfwidth`` input pixels of a source keypoint (``None``: 17 at 512,
-    scaled with ``input_size``) its displacement."""
+    4.25 flow cells) its displacement."""
 
     ARCHITECTURE: ClassVar[tuple[str, ...]] = (
         "encoder_depth",
@@ -108,15 +114,19 @@ class LpmflowOptions:
         if not self.refine_windows:
             raise ValueError("refine_windows needs at least one window (the released model has 16, 8, 4)")
 
-    def input_side(self, image_size: int) -> int:
-        """The side images come at: ``input_size``, or twice the network's ``image_size``."""
-        return self.input_size if self.input_size is not None else 2 * image_size
+    def input_side(self, config: ModelConfig) -> int:
+        """The side images come at: ``input_size``, or 4 pixels per flow cell as released (512 for
+        the 128 x 128 flow of a 16 x 16 token grid)."""
+        if self.input_size is not None:
+            return self.input_size
+        return RELEASED_PIXELS_PER_FLOW_CELL * flow_side(config)
 
-    def halfwidth(self, input_side: int) -> float:
-        """The ground-truth box's half-width in input pixels: ``gt_halfwidth`` or 17 x S_in / 512."""
-        return (
-            self.gt_halfwidth if self.gt_halfwidth is not None else RELEASED_GT_HALFWIDTH * input_side / RELEASED_FRAME
-        )
+    def halfwidth(self, stride: float) -> float:
+        """The ground-truth box's half-width in input pixels for flow cells of ``stride`` input
+        pixels: ``gt_halfwidth``, or 17 pixels per 4-pixel cell as released (4.25 cells)."""
+        if self.gt_halfwidth is not None:
+            return self.gt_halfwidth
+        return RELEASED_GT_HALFWIDTH / RELEASED_PIXELS_PER_FLOW_CELL * stride
 
     def contrastive_weight_at(self, epoch: int | None) -> float:
         """The InfoNCE weight of (0-based) ``epoch`` as released: ``contrastive_weight`` for
@@ -151,11 +161,11 @@ class LpmflowOptions:
                         f"lpmflow.{name} {window} must divide the {side} x {side} map it windows at image_size "
                         f"{config.image_size} (or be at least its side)"
                     )
-        flow_side = 8 * grid
-        if self.input_side(config.image_size) % flow_side:
+        side = flow_side(config)
+        if self.input_side(config) % side:
             raise ValueError(
-                f"lpmflow.input_size {self.input_side(config.image_size)} must be a multiple of the {flow_side} x "
-                f"{flow_side} flow at image_size {config.image_size} (the released model: 512 and 128)"
+                f"lpmflow.input_size {self.input_side(config)} must be a multiple of the {side} x "
+                f"{side} flow at image_size {config.image_size} (the released model: 512 and 128)"
             )
         if config.localizer is not None:
             raise ValueError(

@@ -32,7 +32,6 @@ from torch import Tensor, nn
 
 from sm_model.backbones import build_backbone
 from sm_model.config import ModelConfig
-from sm_model.inputs import InputSpec
 from sm_model.lpmflow.decoder import DecoderBlock
 from sm_model.lpmflow.encoder import JointEncoder
 from sm_model.lpmflow.flow import attention_flow, to_flow_grid, transfer_keypoints
@@ -66,7 +65,8 @@ class LpmflowMatches(NamedTuple):
     """The prediction: ``points``, ``scores``, ``stride`` as :class:`~sm_model.matching.Matches`
     (transferred points ``[B, N, 2]`` in input pixels; the cosine rows ``[B, N, 2g, 2g]`` of D3's
     maps at stride ``S_in / 2g``), and what the loss needs: the ``flow``, the ``src_kps`` read
-    (invalid ones at ``(0, 0)``) and the ``contrastive`` loss of :class:`LpmflowEncoded`."""
+    (invalid ones at ``(0, 0)``), the ``contrastive`` loss of :class:`LpmflowEncoded` and the
+    input side ``size`` the points are in."""
 
     points: Tensor
     scores: Tensor
@@ -74,11 +74,14 @@ class LpmflowMatches(NamedTuple):
     flow: Tensor
     src_kps: Tensor
     contrastive: Tensor | None
+    size: int
 
 
 class LPMFlow(MatchModel):
     """The LPMFlow model (kind ``lpmflow``), built from a :class:`ModelConfig` with
-    :class:`~sm_model.lpmflow.config.LpmflowOptions` (see the module). ``backbone``: the ViT
+    :class:`~sm_model.lpmflow.config.LpmflowOptions` (see the module). Its ``input_spec`` takes
+    images at ``lpmflow.input_size`` (512, :meth:`~sm_model.lpmflow.config.LpmflowOptions.input_side`), resized as the
+    released loader does; the network brings them to ``image_size`` itself. ``backbone``: the ViT
     (``sm_train`` gives it ``backbone_lr``); everything else is the head."""
 
     def __init__(self, config: ModelConfig) -> None:
@@ -116,17 +119,6 @@ class LPMFlow(MatchModel):
         self.context_dropout = nn.Dropout2d(options.context_dropout)
         windows = tuple(effective_window(window, flow_side) for window in options.refine_windows)
         self.refinement = FlowRefinement(FLOW_COUNT * 2 + options.context_channels, options.heads, windows)
-
-    @property
-    def input_spec(self) -> InputSpec:
-        """Images at ``lpmflow.input_size`` (512), resized as the released loader does; the network
-        brings them to ``image_size`` itself."""
-        config = self.config
-        return InputSpec(
-            size=config.options.input_side(config.image_size),
-            resize_method=config.image_resize,
-            pixel_convention=config.pixel_convention,
-        )
 
     def set_epoch(self, epoch: int) -> None:
         """The (0-based) training epoch, which weighs the contrastive loss."""
@@ -182,7 +174,7 @@ class LPMFlow(MatchModel):
                 encoded.src.float(), src_kps.float(), stride, config.keypoint_sampling, config.pixel_convention
             )
             scores = cosine_similarity(features, encoded.trg.float())
-        return [LpmflowMatches(points, scores, stride, encoded.flow, src_kps.float(), encoded.contrastive)]
+        return [LpmflowMatches(points, scores, stride, encoded.flow, src_kps.float(), encoded.contrastive, encoded.size)]
 
     def loss(self, outputs: list[Matches], target: Tensor, valid: Tensor) -> Tensor:
         """The EPE of the flow against the released pseudo-dense flow of the keypoints (``target``
@@ -191,11 +183,10 @@ class LPMFlow(MatchModel):
         prediction = outputs[-1]
         options = self.config.options
         flow = prediction.flow
-        side, size = flow.shape[-1], self.input_spec.size
+        side = flow.shape[-1]
+        stride = prediction.size / side  # input pixels per flow cell
         with without_autocast(flow.device.type):
-            gt, mask = released_flow_target(
-                prediction.src_kps, target.float(), valid, side, size / side, options.halfwidth(size)
-            )
+            gt, mask = released_flow_target(prediction.src_kps, target.float(), valid, side, stride, options.halfwidth(stride))
             loss = epe_loss(flow.float(), gt, mask)
         if prediction.contrastive is not None:
             loss = loss + options.contrastive_weight_at(self.epoch) * prediction.contrastive

@@ -19,10 +19,10 @@ from typing import Any
 from torch import Tensor
 
 from sm_model.checkpoint import architecture
-from sm_model.config import ModelConfig
+from sm_model.config import ModelConfig, replace_fields
 from sm_model.lpmflow.config import LpmflowOptions
 from sm_model.lpmflow.model import LPMFlow
-from sm_model.state_dicts import check_state, listed
+from sm_model.state_dicts import listed
 
 RELEASED_PATCH = 16
 """The released backbone: iBOT ViT-B/16."""
@@ -108,17 +108,24 @@ def released_config(args: Mapping[str, Any], state: Mapping[str, Tensor], name: 
 
 
 def lpmflow_from_released(
-    args: Mapping[str, Any], state: Mapping[str, Tensor], name: str, config: ModelConfig | None = None
+    args: Mapping[str, Any],
+    state: Mapping[str, Tensor],
+    name: str,
+    config: ModelConfig | None = None,
+    overrides: Mapping[str, Any] | None = None,
 ) -> LPMFlow:
     """The released model of ``args`` (``args.pkl`` as a mapping) and ``state`` (the
     ``state_dict`` of ``model_best.pth``), loaded strictly, on the CPU in training mode.
     ``config``: run-time settings (e.g. another ``lpmflow.input_size``) for a model whose
-    architecture must be the released one; its ``weights`` are never read."""
+    architecture must be the released one, its ``weights`` never read; ``overrides``: fields
+    replaced in it, or in the released config (:func:`sm_model.config.replace_fields`)."""
     released = released_config(args, state, name)
+    if overrides:
+        config = replace_fields(config or released, overrides, f"{name} config with {dict(overrides)}")
     if config is not None:
         config = replace(config, weights=None)
-        if architecture(config) != architecture(released):
-            differ = sorted(k for k, v in architecture(released).items() if architecture(config).get(k) != v)
+        if _shape(config) != _shape(released):
+            differ = sorted(k for k, v in _shape(released).items() if _shape(config).get(k) != v)
             raise ValueError(f"{name}: the given config's architecture differs from the released model's in {differ}")
         released = config
     mapped: dict[str, Tensor] = {}
@@ -138,9 +145,37 @@ def lpmflow_from_released(
         raise ValueError(
             f"{name}: released keys that fit no parameter of LPMFlow ({len(unmapped)}): {listed(unmapped)}"
         )
-    check_state(expected, mapped, f"{name}/model_best.pth (released LPMFlow keys mapped)")
+    missing = sorted(to_released_key(key) for key in expected.keys() - mapped.keys())
+    misshapen = [
+        f"{to_released_key(key)} {tuple(mapped[key].shape)} != {tuple(expected[key].shape)}"
+        for key in sorted(expected.keys() & mapped.keys())
+        if mapped[key].shape != expected[key].shape
+    ]
+    for problem, keys in (("lacks parameters LPMFlow uses", missing), ("has parameters of the wrong shape", misshapen)):
+        if keys:
+            raise ValueError(f"{name}/model_best.pth {problem} ({len(keys)}): {listed(keys)}")
     model.load_state_dict(mapped, strict=True)
     return model
+
+
+def to_released_key(key: str) -> str:
+    """The released name of this model's state key ``key`` (the inverse of :func:`released_key`),
+    for messages that point into the released file."""
+    for old, new in RENAMED:
+        if key == new or (new.endswith(".") and key.startswith(new)):
+            rest = key[len(new) :]
+            for old_stage, new_stage in SWIN_STAGE if re.fullmatch(r"(fsr|refinement)\.stages\.\d+\.", new) else ():
+                if rest.startswith(new_stage):
+                    rest = old_stage + rest[len(new_stage) :]
+                    break
+            return old + rest
+    return key
+
+
+def _shape(config: ModelConfig) -> dict[str, Any]:
+    """What decides LPMFlow's parameter shapes: its architecture fields and ``image_size`` (the
+    position embeddings, bias tables and grids are sized by the token grid)."""
+    return {**architecture(config), "image_size": config.image_size}
 
 
 def _tensor(state: Mapping[str, Tensor], key: str, name: str) -> Tensor:

@@ -1,8 +1,8 @@
 """SimpleMatch training memory and inference speed, each beside its baseline in one run; with
-``--kind vitsc``, ViTSC's beside SimpleMatch's.
+``--kind vitsc`` or ``--kind lpmflow``, ViTSC's or LPMFlow's beside SimpleMatch's.
 
     .venv/bin/python benchmarks/bench_model.py [--quick] [--device cpu|cuda] [--dtype float32|bfloat16]
-    .venv/bin/python benchmarks/bench_model.py --kind vitsc [--quick] [--device cpu|cuda] [--dtype ...]
+    .venv/bin/python benchmarks/bench_model.py --kind vitsc|lpmflow [--quick] [--device cpu|cuda] [--dtype ...]
 
 Random weights throughout (``weights=None``); the official DINOv2 ViT-B/14 LoRA config.
 
@@ -22,9 +22,10 @@ Random weights throughout (``weights=None``); the official DINOv2 ViT-B/14 LoRA 
      localization at all. Any matching scheme on this decoder needs at least this much, so
      ``no-matching / dense`` bounds the ratio any ``window+sparse`` implementation can reach.
 
-   Each mode runs in a fresh process. On the CPU the figure is the peak RSS of the process
-   (``resource.getrusage().ru_maxrss``) minus its RSS once the model and inputs are built, i.e.
-   the activations, gradients and allocator overhead of the step; with CUDA also
+   Each mode runs in a fresh process. On the CPU the figure is the peak RSS of the process during
+   the step (``VmHWM`` of ``/proc/self/status``, reset at the step's start through
+   ``/proc/self/clear_refs``) minus its RSS once the model and inputs are built, i.e. the
+   activations, gradients and allocator overhead of the step; with CUDA also
    ``torch.cuda.max_memory_allocated`` minus the allocation before the step. Goal:
    ``window+sparse`` at most 0.49 of ``dense``.
 2. Inference pairs/s of the full model against the backbone alone on the same inputs (eval, no
@@ -35,12 +36,29 @@ Random weights throughout (``weights=None``); the official DINOv2 ViT-B/14 LoRA 
    prints the forward FLOPs of the full model per decoder width (meta device, nothing computed).
 3. With ``--device cuda``: the same at 252 and 448; add ``--dtype bfloat16`` for bfloat16 autocast.
 
-``--kind vitsc`` (instead of 1-3): ViTSC (``kind: vitsc``, the paper's architecture: DINOv2-B/14,
-last 4 blocks trainable, final LayerNorm, one cross-perception layer, the C_low-guided upsampler)
-at 224 and 448 beside SimpleMatch (the released ViT-B/14 LoRA config) at 252: for each, in a
-fresh process, the peak memory of one training step (forward + the kind's loss + backward, as in
-1.) and the inference pairs/s and forward GFLOPs per pair (as in 2.). ``--quick``: ViT-S/14 at 56
-and 112 beside the quick SimpleMatch at 56, batch 2.
+``--kind vitsc`` or ``--kind lpmflow`` (instead of 1-3): the kind beside SimpleMatch (the
+released ViT-B/14 LoRA config) at 252, each row in a fresh process, its inputs (images and
+keypoints) at the side the model takes (``model.input_spec.size``):
+
+- ``vitsc``: ViTSC (the paper's architecture: DINOv2-B/14, last 4 blocks trainable, final
+  LayerNorm, one cross-perception layer, the C_low-guided upsampler) at 224 and 448;
+  ``--quick``: ViT-S/14 at 56 and 112;
+- ``lpmflow``: LPMFlow (``ModelConfig.of_kind("lpmflow")``, the released architecture: iBOT
+  ViT-B/16 at 256, fully fine-tuned) taking its 512 input frame, which the network resizes to 256
+  itself; ``--quick``: ``configs/lpmflow_demo.yaml``'s model (DINOv2 ViT-S/14 at 56 taking 128).
+  The poster's figures (178.9M parameters, 85.7 ms per pair, i.e. 11.7 pairs/s, and 3.8 GB on a
+  TITAN RTX) are printed on their own line under its row, as figures of other hardware, not
+  compared by ratio.
+
+For each row: the peak memory of one inference forward (eval, no grad) and of one training step
+(forward + the kind's loss + backward), both in MiB above the built model and its inputs (the CPU
+resident set as in 1., measured from one RSS taken once the model is built, and with CUDA
+``torch.cuda.max_memory_allocated``); the inference pairs/s and forward GFLOPs per pair (as in 2.);
+the parameters in millions (all of them, trained or frozen). ``--quick``: beside the quick
+SimpleMatch at 56, batch 2. The run ends with one JSON line: the run's setting, then
+``<kind>_<input side>_<figure>`` for every row (``params_m``, ``cpu_forward_peak_mib``,
+``cpu_step_peak_mib``, with CUDA ``cuda_forward_peak_mib`` and ``cuda_step_peak_mib``,
+``gflops_per_pair``, ``pairs_per_s``), and the load average.
 
 In the dense modes a keypoint's row is the 1/4 cell nearest to it (the model itself samples
 bilinearly). ``--size``/``--batch`` change the memory setting (e.g. ``--size 448 --batch 2
@@ -62,12 +80,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import torch
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
-from sm_model.config import ModelConfig
+from sm_model.config import ModelConfig, load_yaml
+from sm_model.inputs import InputSpec
 from sm_model.localizers import dense_soft_argmax, window_soft_argmax
 from sm_model.loss import keypoint_loss
 from sm_model.matching import cosine_similarity, sample_keypoint_features
@@ -164,30 +184,69 @@ def measure_memory(setup: Setup, mode: str) -> dict[str, float]:
     return step_peak(setup, step_loss)
 
 
-def step_peak(setup: Setup, step_loss: Callable[[], Tensor]) -> dict[str, float]:
-    """Peak memory in MiB, above what is allocated now, of ``step_loss()`` under the setup's
-    autocast and its backward: ``cpu_step_peak_mib`` (resident set), and ``cuda_step_peak_mib``."""
-    baseline_rss = _current_rss_bytes()
+def _reset_peak_rss() -> None:
+    """Start the resident set's high-water mark (``VmHWM``) afresh at the RSS now (Linux 4.0 and
+    later); where ``/proc/self/clear_refs`` cannot be written the mark keeps the process's peak so far."""
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+
+
+def _peak_rss_bytes() -> int:
+    """The resident set's high-water mark since :func:`_reset_peak_rss` (``ru_maxrss`` without ``/proc``)."""
+    with contextlib.suppress(OSError), open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def peak_memory(
+    setup: Setup, run: Callable[[], object], name: str, baseline_rss: int | None = None
+) -> dict[str, float]:
+    """Peak memory in MiB of ``run()``: ``cpu_{name}_peak_mib``, the resident set's high-water mark
+    during the call above ``baseline_rss`` (default: the RSS now), and with CUDA
+    ``cuda_{name}_peak_mib``, ``torch.cuda.max_memory_allocated`` during the call above the allocation now."""
+    if baseline_rss is None:
+        baseline_rss = _current_rss_bytes()
+    _reset_peak_rss()
     if setup.device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         baseline_cuda = torch.cuda.memory_allocated()
-    with setup.autocast():
-        loss = step_loss()
-    loss.backward()
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    result = {"cpu_step_peak_mib": (peak_rss - baseline_rss) / 2**20}
+    run()
+    result = {f"cpu_{name}_peak_mib": (_peak_rss_bytes() - baseline_rss) / 2**20}
     if setup.device == "cuda":
         torch.cuda.synchronize()
-        result["cuda_step_peak_mib"] = (torch.cuda.max_memory_allocated() - baseline_cuda) / 2**20
+        result[f"cuda_{name}_peak_mib"] = (torch.cuda.max_memory_allocated() - baseline_cuda) / 2**20
     return result
+
+
+def step_peak(setup: Setup, step_loss: Callable[[], Tensor], baseline_rss: int | None = None) -> dict[str, float]:
+    """:func:`peak_memory` (``step``) of ``step_loss()`` under the setup's autocast and its backward:
+    ``cpu_step_peak_mib`` (resident set) and ``cuda_step_peak_mib``."""
+
+    def step() -> None:
+        with setup.autocast():
+            loss = step_loss()
+        loss.backward()
+
+    return peak_memory(setup, step, "step", baseline_rss)
+
+
+def _in_subprocess(*options: str) -> dict[str, float]:
+    """The last line of this script, run in a fresh interpreter with this run's options and
+    ``options``, read as JSON; its stderr shown if it fails."""
+    command = [sys.executable, __file__, *sys.argv[1:], *options]
+    completed = subprocess.run(command, check=False, capture_output=True, text=True)
+    if completed.returncode:
+        sys.stderr.write(completed.stderr)
+        raise subprocess.CalledProcessError(completed.returncode, command, completed.stdout, completed.stderr)
+    return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
 def _memory_in_subprocess(mode: str) -> dict[str, float]:
     """:func:`measure_memory` in a fresh interpreter with this run's options."""
-    command = [sys.executable, __file__, *sys.argv[1:], "--measure-memory", mode]
-    completed = subprocess.run(command, check=True, capture_output=True, text=True)
-    return json.loads(completed.stdout.strip().splitlines()[-1])
+    return _in_subprocess("--measure-memory", mode)
 
 
 def _median_seconds(step, warmup: int, repeats: int, device: str) -> float:
@@ -252,38 +311,66 @@ def flops_per_width(config: ModelConfig, keypoints: int) -> list[tuple[int, floa
     return rows
 
 
-KIND_SIZES = {"simplematch": (252,), "vitsc": (224, 448)}
-"""``--kind vitsc``: the input sides measured per kind (the papers' training sides; ViTSC's 448 is
-its evaluation at the same weights)."""
-QUICK_KIND_SIZES = {"simplematch": (56,), "vitsc": (56, 112)}
+KIND_SIZES = {"simplematch": (252,), "vitsc": (224, 448), "lpmflow": (512,)}
+"""``--kind``: the input sides measured per kind, the side a pair comes at (the papers' training
+sides; ViTSC's 448 is its evaluation at the same weights; LPMFlow takes its 512 frame and resizes
+it to its network's 256 itself)."""
+QUICK_KIND_SIZES = {"simplematch": (56,), "vitsc": (56, 112), "lpmflow": (128,)}
+KIND_TITLES = {"vitsc": "ViTSC", "lpmflow": "LPMFlow"}
+"""The kinds ``--kind`` measures beside SimpleMatch."""
+
+LPMFLOW_DEMO = Path(__file__).resolve().parents[1] / "configs" / "lpmflow_demo.yaml"
+"""The model ``--kind lpmflow --quick`` measures (DINOv2 ViT-S/14 at 56 taking 128)."""
+LPMFLOW_PAPER = {"params_m": 178.9, "ms_per_pair": 85.7, "memory_gb": 3.8, "gpu": "TITAN RTX"}
+"""LPMFlow's poster: parameters, inference time per pair and memory on a TITAN RTX."""
 
 
 def kind_config(kind: str, size: int, quick: bool) -> ModelConfig:
-    """The config ``--kind vitsc`` measures: SimpleMatch's released ViT-B/14 LoRA config (the
-    quick one with ``--quick``) or ViTSC's paper config, at ``size``, random weights."""
+    """The config ``--kind`` measures at input side ``size``, random weights: SimpleMatch's
+    released ViT-B/14 LoRA config (the quick one with ``--quick``), ViTSC's paper config
+    (ViT-S/14 with ``--quick``), or LPMFlow's released one (iBOT ViT-B/16 at 256, fully
+    fine-tuned; ``--quick``: the model of :data:`LPMFLOW_DEMO`, DINOv2 ViT-S/14 at 56), its input
+    frame ``lpmflow.input_size`` = ``size``."""
     if kind == "simplematch":
         if quick:
             return ModelConfig(backbone="dinov2_vits14", image_size=size, window_size=7, options=SimpleMatchOptions(decoder_channels=64))
         return ModelConfig(image_size=size)
+    if kind == "lpmflow":
+        config = ModelConfig.of_kind("lpmflow")
+        if quick:
+            document = load_yaml(LPMFLOW_DEMO.read_text(), str(LPMFLOW_DEMO))
+            config = ModelConfig.from_document(document["model"], str(LPMFLOW_DEMO), "model.")
+        if InputSpec.of(config).size == size:
+            return config
+        return dataclasses.replace(config, options=dataclasses.replace(config.options, input_size=size))
     backbone = "dinov2_vits14" if quick else "dinov2_vitb14"
     return ModelConfig.of_kind("vitsc", backbone=backbone, image_size=size)
 
 
 def measure_kind(setup: Setup, kind: str, size: int, quick: bool, warmup: int, repeats: int) -> dict[str, float]:
-    """In this process: the training-step peak memory (MiB above the built model, as
-    :func:`measure_memory`), then the inference pairs/s and forward GFLOPs per pair of ``kind`` at ``size``."""
+    """In this process, ``kind`` at input side ``size`` (its ``model.input_spec.size``): the peak
+    memory of one inference forward (eval, no grad) and of one training step (forward + the kind's
+    loss + backward), each in MiB above the built model and its inputs (:func:`peak_memory`), then
+    the inference pairs/s and forward GFLOPs per pair, and the parameters in millions."""
     config = kind_config(kind, size, quick)
     torch.manual_seed(0)
-    model = build_model(config).to(setup.device).train()
-    src, trg, src_kps, trg_kps, valid = setup.inputs(size)
-    result = step_peak(setup, lambda: model.loss(model(src, trg, src_kps, valid), trg_kps, valid))
-    model.zero_grad(set_to_none=True)
-    model.eval()
+    model = build_model(config).to(setup.device).eval()
+    side = model.input_spec.size
+    if side != size:
+        raise ValueError(f"{kind} at {size}: the model takes images at {side}")
+    src, trg, src_kps, trg_kps, valid = setup.inputs(side)
+    built_rss = _current_rss_bytes()
 
     def forward() -> None:
         with torch.no_grad(), setup.autocast():
             model(src, trg, src_kps, valid)
 
+    result: dict[str, float] = {"input_size": side, "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+    result |= peak_memory(setup, forward, "forward", built_rss)
+    model.train()
+    result |= step_peak(setup, lambda: model.loss(model(src, trg, src_kps, valid), trg_kps, valid), built_rss)
+    model.zero_grad(set_to_none=True)
+    model.eval()
     result["gflops_per_pair"] = _gflops(forward) / setup.batch
     result["pairs_per_s"] = setup.batch / _median_seconds(forward, warmup, repeats, setup.device)
     return result
@@ -291,27 +378,45 @@ def measure_kind(setup: Setup, kind: str, size: int, quick: bool, warmup: int, r
 
 def _kind_in_subprocess(kind: str, size: int) -> dict[str, float]:
     """:func:`measure_kind` in a fresh interpreter with this run's options."""
-    command = [sys.executable, __file__, *sys.argv[1:], "--measure-kind", f"{kind}:{size}"]
-    completed = subprocess.run(command, check=True, capture_output=True, text=True)
-    return json.loads(completed.stdout.strip().splitlines()[-1])
+    return _in_subprocess("--measure-kind", f"{kind}:{size}")
 
 
-def _report_kinds(setup: Setup, quick: bool, warmup: int, repeats: int) -> None:
+def _report_kinds(setup: Setup, kind: str, quick: bool, warmup: int, repeats: int) -> None:
+    """The table of ``kind`` beside SimpleMatch (a process per row), LPMFlow's paper figures on
+    their own line, then one JSON line with every row's figures."""
     sizes = QUICK_KIND_SIZES if quick else KIND_SIZES
     print(
-        f"\nViTSC beside SimpleMatch: one training step's peak memory (MiB above the built model), inference pairs/s "
-        f"(eval, no grad, median of {repeats} after {warmup} warm-up) and forward GFLOPs per pair; a process per row"
+        f"\n{KIND_TITLES[kind]} beside SimpleMatch, a process per row: peak memory (MiB above the built model and its "
+        f"inputs) of one inference forward (eval, no grad) and of one training step (forward + the kind's loss + "
+        f"backward), inference pairs/s (median of {repeats} after {warmup} warm-up), forward GFLOPs per pair and "
+        f"parameters (millions)"
     )
-    memory_keys = ["cpu_step_peak_mib"] + (["cuda_step_peak_mib"] if setup.device == "cuda" else [])
-    header = "".join(f"{key:>20}" for key in memory_keys)
-    print(f"   {'model':<44}{'size':>5}{header}{'pairs/s':>10}{'GFLOPs':>9}")
-    for kind in ("simplematch", "vitsc"):
-        for size in sizes[kind]:
-            config = kind_config(kind, size, quick)
-            name = f"{kind} ({config.backbone}, {config.finetune})"
-            r = _kind_in_subprocess(kind, size)
-            memory = "".join(f"{r[key]:20.1f}" for key in memory_keys)
-            print(f"   {name:<44}{size:5d}{memory}{r['pairs_per_s']:10.2f}{r['gflops_per_pair']:9.1f}")
+    devices = ("cpu", "cuda") if setup.device == "cuda" else ("cpu",)
+    memory_keys = [f"{device}_{name}_peak_mib" for device in devices for name in ("forward", "step")]
+    header = "".join(f"{key:>22}" for key in memory_keys)
+    print(f"   {'model':<46}{'input':>6}{header}{'pairs/s':>10}{'GFLOPs':>9}{'params M':>10}")
+    figures: dict[str, object] = {
+        "kind": kind, "quick": quick, "device": setup.device, "dtype": setup.dtype, "batch": setup.batch,
+        "keypoints": setup.keypoints, "threads": torch.get_num_threads(),
+    }
+    for row_kind in ("simplematch", kind):
+        for size in sizes[row_kind]:
+            config = kind_config(row_kind, size, quick)
+            name = f"{row_kind} ({config.backbone} at {config.image_size}, {config.finetune})"
+            r = _kind_in_subprocess(row_kind, size)
+            memory = "".join(f"{r[key]:22.1f}" for key in memory_keys)
+            rates = f"{r['pairs_per_s']:10.2f}{r['gflops_per_pair']:9.1f}{r['params_m']:10.1f}"
+            print(f"   {name:<46}{r['input_size']:6d}{memory}{rates}")
+            figures |= {f"{row_kind}_{size}_{key}": value for key, value in r.items() if key != "input_size"}
+    if kind == "lpmflow":
+        paper = LPMFLOW_PAPER
+        print(
+            f"   paper (LPMFlow poster, on a {paper['gpu']}: other hardware, not compared): {paper['params_m']}M "
+            f"parameters, {paper['ms_per_pair']} ms per pair ({1000 / paper['ms_per_pair']:.1f} pairs/s), "
+            f"{paper['memory_gb']} GB memory"
+        )
+    figures["load_average"] = round(os.getloadavg()[0], 2)
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()}))
 
 
 def main() -> None:
@@ -327,8 +432,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--only", choices=("memory", "speed"), help="run one of the two measurements")
     parser.add_argument(
-        "--kind", choices=("simplematch", "vitsc"), default="simplematch",
-        help="vitsc: ViTSC at 224 and 448 beside SimpleMatch at 252 (memory and speed) instead of 1-3",
+        "--kind", choices=("simplematch", *KIND_TITLES), default="simplematch",
+        help="vitsc: ViTSC at 224 and 448, lpmflow: LPMFlow at 512, beside SimpleMatch at 252 (memory and speed) "
+        "instead of 1-3",
     )
     parser.add_argument("--measure-memory", choices=MEMORY_MODES, help=argparse.SUPPRESS)
     parser.add_argument("--measure-kind", help=argparse.SUPPRESS)
@@ -350,9 +456,9 @@ def main() -> None:
         kind, _, size = args.measure_kind.partition(":")
         print(json.dumps(measure_kind(setup, kind, int(size), args.quick, warmup, repeats)))
         return
-    if args.kind == "vitsc":
+    if args.kind != "simplematch":
         print(f"batch {batch}, {args.keypoints} keypoints, device {args.device}, {args.dtype}, {torch.get_num_threads()} threads")
-        _report_kinds(setup, args.quick, warmup, repeats)
+        _report_kinds(setup, args.kind, args.quick, warmup, repeats)
         return
 
     print(

@@ -49,6 +49,7 @@ from sm_eval.report import (
 )
 from sm_eval.runner import BatchClock, EvalSettings, local_device, predict_split
 from sm_model.config import ModelConfig, from_dict
+from sm_model.inputs import InputSpec
 from sm_model.pixels import from_resized_square
 
 log = logging.getLogger(__name__)
@@ -215,7 +216,7 @@ def _report(
             "config": checkpoint.config,
             "kind": configs[checkpoint.name].kind,
             "localizer": configs[checkpoint.name].localizer_method,
-            "image_size": configs[checkpoint.name].image_size,
+            "image_size": InputSpec.of(configs[checkpoint.name]).size,  # the input side, the resized frame's
             "seconds": round(timings[checkpoint.name], 3),
             "pairs_per_second": round(plan.num_pairs / timings[checkpoint.name], 3),
             # Start-up (model loading, loader processes, the first batch) apart from the steady rate.

@@ -298,7 +298,7 @@ def model_summary(model: MatchModel) -> dict[str, Any]:
         "kind": config.kind,
         "backbone": config.backbone,
         "localizer": config.localizer_method,
-        "image_size": config.image_size,
+        "image_size": model.input_spec.size,  # the side images come at (LPMFlow: 512, its network at 256)
         "pixel_convention": config.pixel_convention,
         "image_resize": config.image_resize,
     }

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import get_args
 
 import pytest
-import yaml
 import torch
+import yaml
 
 from pipelines.storage import Location, arrow_filesystem
 from sm_eval.pck import FRAMES

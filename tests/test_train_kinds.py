@@ -132,8 +132,8 @@ def test_iteration_schedule_is_the_one_group_step_lr_of_before() -> None:
 
 def test_zero_shot_is_refused_for_training() -> None:
     message = (
-        r"model\.kind must be one of \['baseline', 'simplematch', 'vitsc'\] to train, got 'zero-shot': a zero-shot model "
-        r"trains nothing; evaluate it with python -m sm_eval --model zero-shot:{}"
+        r"model\.kind must be one of \['baseline', 'lpmflow', 'simplematch', 'vitsc'\] to train, "
+        r"got 'zero-shot': a zero-shot model trains nothing; evaluate it with python -m sm_eval --model zero-shot:{}"
     )
     with pytest.raises(ConfigError, match=r"overrides model\.kind=zero-shot: " + message.format("dinov2_vitb14")):
         load_config(None, ["model.kind=zero-shot"])

@@ -110,10 +110,12 @@ class JointEncoder(nn.Module):
         super().__init__()
         self.grid = grid
         positions = nn.init.trunc_normal_(torch.zeros(1, 1 + grid * grid, dim), std=INIT_STD)
-        self.cls_pos_embed_src = nn.Parameter(positions[:, :1].clone())
-        self.cls_pos_embed_trg = nn.Parameter(positions[:, :1].clone())
-        self.pos_embed_src = nn.Parameter(positions[:, 1:].clone())
-        self.pos_embed_trg = nn.Parameter(positions[:, 1:].clone())
+        # Standard strides (not the slice's): DDP's gradient buckets expect them.
+        cls, patches = (part.clone(memory_format=torch.contiguous_format) for part in positions.split([1, grid * grid], 1))
+        self.cls_pos_embed_src = nn.Parameter(cls)
+        self.cls_pos_embed_trg = nn.Parameter(cls.clone())
+        self.pos_embed_src = nn.Parameter(patches)
+        self.pos_embed_trg = nn.Parameter(patches.clone())
         self.src_segment_pos_embed = nn.Parameter(nn.init.trunc_normal_(torch.zeros(1, 1, dim), std=INIT_STD))
         self.trg_segment_pos_embed = nn.Parameter(nn.init.trunc_normal_(torch.zeros(1, 1, dim), std=INIT_STD))
         self.pos_drop = nn.Dropout(dropout)

@@ -80,8 +80,8 @@ class LpmflowMatches(NamedTuple):
 class LPMFlow(MatchModel):
     """The LPMFlow model (kind ``lpmflow``), built from a :class:`ModelConfig` with
     :class:`~sm_model.lpmflow.config.LpmflowOptions` (see the module). Its ``input_spec`` takes
-    images at ``lpmflow.input_size`` (512, :meth:`~sm_model.lpmflow.config.LpmflowOptions.input_side`), resized as the
-    released loader does; the network brings them to ``image_size`` itself. ``backbone``: the ViT
+    images at ``lpmflow.input_size`` (512: ``LpmflowOptions.input_side``), resized as the released
+    loader does; the network brings them to ``image_size`` itself. ``backbone``: the ViT
     (``sm_train`` gives it ``backbone_lr``); everything else is the head."""
 
     def __init__(self, config: ModelConfig) -> None:
@@ -127,9 +127,9 @@ class LPMFlow(MatchModel):
     def encode(self, src: Tensor, trg: Tensor) -> LpmflowEncoded:
         """The pair-level encoding of ``src``, ``trg`` ``[B, 3, S_in, S_in]`` ImageNet-normalised
         (any side: the network resizes them to ``image_size``, and the points of :meth:`match` are
-        in that frame); both images go through the backbone as one batch of ``2B``. In training mode the source
-        tokens are replaced (torch's global generator draws which) and the contrastive loss is
-        computed."""
+        in that frame); both images go through the backbone as one batch of ``2B``. In training
+        mode the source tokens are replaced (torch's global generator draws which) and the
+        contrastive loss is computed."""
         check_images(src, trg)
         size, options = src.shape[-1], self.config.options
         images = F.interpolate(torch.cat([src, trg]), size=self.config.image_size, mode="bilinear", align_corners=False)

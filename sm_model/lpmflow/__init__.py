@@ -7,6 +7,7 @@ cross-attention maps become four soft-argmax flows, and a Swin refinement to a 1
 
 ==============================================  =====================================================
 :mod:`sm_model.lpmflow.config`                  its options (``model.lpmflow:``), registered here
+:mod:`sm_model.lpmflow.layers`                  the attention and MLP the encoder, decoder and Swin share
 :mod:`sm_model.lpmflow.encoder`                 the joint encoder with the relative-position bias
 :mod:`sm_model.lpmflow.decoder`                 the decoder block and its bounded activation
 :mod:`sm_model.lpmflow.swin`                    window attention, channel attention, FSR, refinement

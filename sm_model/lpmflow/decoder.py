@@ -9,10 +9,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sm_model.lpmflow.encoder import LAYER_NORM_EPS, Mlp
+from sm_model.lpmflow.layers import LAYER_NORM_EPS, Attention, Mlp
 from sm_model.matching import without_autocast
 
 _E_MINUS_4 = math.exp(-4)
@@ -26,44 +25,6 @@ def bounded_activation(x: Tensor) -> Tensor:
     with without_autocast(x.device.type):
         decay = torch.exp(-2 * x.float().clamp(min=0))
         return ((1 - decay) / (1 + decay * _E_MINUS_4)).to(x.dtype)
-
-
-class Attention(nn.Module):
-    """Multi-head attention whose one ``qkv`` projection serves both as self-attention
-    (:meth:`forward`) and cross-attention (:meth:`cross`)."""
-
-    def __init__(self, dim: int, heads: int, dropout: float) -> None:
-        super().__init__()
-        if dim % heads:
-            raise ValueError(f"the decoder width {dim} must be a multiple of its {heads} heads")
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(dropout)
-
-    def _split(self, x: Tensor) -> Tensor:
-        batch, length, dim = x.shape
-        return self.qkv(x).view(batch, length, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
-
-    def _merge(self, x: Tensor) -> Tensor:
-        batch, _, length, _ = x.shape
-        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(batch, length, -1)))
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Self-attention: ``[B, N, C]`` -> ``[B, N, C]``."""
-        q, k, v = self._split(x)
-        return self._merge(F.scaled_dot_product_attention(q, k, v))
-
-    def cross(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """Queries from ``x`` ``[B, Nx, C]``, keys and values from ``y`` ``[B, Ny, C]`` -> the
-        output ``[B, Nx, C]`` and the attention probabilities summed over heads ``[B, Nx, Ny]``
-        (each row sums to the number of heads). The probabilities are float32 under autocast too:
-        the flows' soft-argmax at temperature 0.02 reads their differences."""
-        q, _, _ = self._split(x)
-        _, k, v = self._split(y)
-        with without_autocast(x.device.type):
-            probabilities = (q.float() @ k.float().transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)
-        return self._merge(probabilities.to(v.dtype) @ v), probabilities.sum(dim=1)
 
 
 class DecoderBlock(nn.Module):

@@ -12,11 +12,9 @@ Parameter names follow the released model's, so released weights map one to one.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-LAYER_NORM_EPS = 1e-6
-INIT_STD = 0.02
+from sm_model.lpmflow.layers import INIT_STD, LAYER_NORM_EPS, Attention, Mlp
 
 
 def relative_position_index(grid: int) -> Tensor:
@@ -36,19 +34,13 @@ def relative_position_index(grid: int) -> Tensor:
     return ((dr * span + dc) * 4) + image[:, None] * 2 + image[None, :]
 
 
-class RelativeAttention(nn.Module):
+class RelativeAttention(Attention):
     """Multi-head self-attention over the joint sequence with a learned bias per head on every
     patch-patch logit (:func:`relative_position_index`); rows and columns of the CLS tokens get
     none. ``forward``: ``[B, 2 + 2n, C]`` -> ``[B, 2 + 2n, C]``."""
 
     def __init__(self, dim: int, heads: int, grid: int, dropout: float) -> None:
-        super().__init__()
-        if dim % heads:
-            raise ValueError(f"the encoder width {dim} must be a multiple of its {heads} heads")
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(dropout)
+        super().__init__(dim, heads, dropout)
         self.relative_position_bias_table = nn.Parameter(torch.empty(heads, 4 * (2 * grid - 1) ** 2))
         nn.init.trunc_normal_(self.relative_position_bias_table, std=INIT_STD)
         # Into a table with one extra zero entry: the index of every pair that involves a CLS token.
@@ -64,23 +56,7 @@ class RelativeAttention(nn.Module):
         return torch.cat([table, table.new_zeros(self.heads, 1)], dim=1)[:, self.bias_index]
 
     def forward(self, x: Tensor) -> Tensor:
-        batch, length, dim = x.shape
-        q, k, v = self.qkv(x).view(batch, length, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias().to(q.dtype))
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(batch, length, dim)))
-
-
-class Mlp(nn.Module):
-    """``fc2(drop(GELU(fc1(x))))`` then dropout: ``[..., C]`` -> ``[..., C]``, ``ratio * C`` wide inside."""
-
-    def __init__(self, dim: int, ratio: int, dropout: float) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, ratio * dim)
-        self.fc2 = nn.Linear(ratio * dim, dim)
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
+        return super().forward(x, self.bias())
 
 
 class EncoderBlock(nn.Module):
@@ -111,7 +87,9 @@ class JointEncoder(nn.Module):
         self.grid = grid
         positions = nn.init.trunc_normal_(torch.zeros(1, 1 + grid * grid, dim), std=INIT_STD)
         # Standard strides (not the slice's): DDP's gradient buckets expect them.
-        cls, patches = (part.clone(memory_format=torch.contiguous_format) for part in positions.split([1, grid * grid], 1))
+        cls, patches = (
+            part.clone(memory_format=torch.contiguous_format) for part in positions.split([1, grid * grid], 1)
+        )
         self.cls_pos_embed_src = nn.Parameter(cls)
         self.cls_pos_embed_trg = nn.Parameter(cls.clone())
         self.pos_embed_src = nn.Parameter(patches)

@@ -25,14 +25,12 @@ zero biases; convolutions PyTorch's default.
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-INIT_STD = 0.02
-"""Std of the released truncated-normal init (bias tables and the Swin block's linears)."""
+from sm_model.lpmflow.layers import INIT_STD, Attention, Mlp
 
 
 def effective_window(window: int, side: int) -> int:
@@ -68,22 +66,17 @@ class ChannelAttention(nn.Module):
         return x + x * gate.sigmoid()
 
 
-class WindowAttention(nn.Module):
+class WindowAttention(Attention):
     """Multi-head self-attention inside one ``window x window`` window, ``softmax(q k^T / sqrt(d /
     heads) + bias) v``, with a per-head bias from ``relative_position_bias_table`` ``[(2w-1)^2,
     heads]`` at :func:`relative_position_index`; projections ``qkv`` and ``proj`` (with bias)."""
 
     def __init__(self, dim: int, heads: int, window: int) -> None:
-        super().__init__()
-        if dim % heads:
-            raise ValueError(f"the width {dim} does not split into {heads} heads")
-        self.heads, self.window = heads, window
-        self.scale = (dim // heads) ** -0.5
+        super().__init__(dim, heads)
+        self.window = window
         self.relative_position_bias_table = nn.Parameter(torch.empty((2 * window - 1) ** 2, heads))
         nn.init.trunc_normal_(self.relative_position_bias_table, std=INIT_STD)
         self.register_buffer("relative_position_index", relative_position_index(window), persistent=False)
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
 
     def bias(self) -> Tensor:
         """The relative-position bias ``[heads, w*w, w*w]``."""
@@ -91,10 +84,7 @@ class WindowAttention(nn.Module):
 
     def forward(self, windows: Tensor) -> Tensor:
         """``windows`` ``[B * nW, w*w, C]``, each a window's tokens row-major -> same shape."""
-        count, length, dim = windows.shape
-        q, k, v = self.qkv(windows).view(count, length, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
-        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias().to(q.dtype), scale=self.scale)
-        return self.proj(attended.transpose(1, 2).reshape(count, length, dim))
+        return super().forward(windows, self.bias())
 
 
 class SwinBlock(nn.Module):
@@ -103,12 +93,11 @@ class SwinBlock(nn.Module):
 
     def __init__(self, dim: int, heads: int, window: int, mlp_ratio: int = 4) -> None:
         super().__init__()
-        hidden = int(dim * mlp_ratio)
         self.window = window
         self.norm1 = nn.LayerNorm(dim)
         self.attn = WindowAttention(dim, heads, window)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(dim, hidden), act=nn.GELU(), fc2=nn.Linear(hidden, dim)))
+        self.mlp = Mlp(dim, mlp_ratio)
         for linear in (self.attn.qkv, self.attn.proj, self.mlp.fc1, self.mlp.fc2):
             nn.init.trunc_normal_(linear.weight, std=INIT_STD)
             nn.init.zeros_(linear.bias)

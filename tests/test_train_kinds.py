@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -164,40 +165,51 @@ def test_baseline_configs_hold_the_survey_recipe() -> None:
 
 
 def test_baseline_trains_through_ray_train_and_evaluates(ray_cluster: str, demo_shards: Path, tmp_path: Path) -> None:
+    _, result = train_demo(REPO_ROOT / "configs/baseline_demo.yaml", demo_shards, tmp_path, "baseline", 3, "model.image_size=56")
+    # The epoch schedule stepped at the end of the epoch, before its checkpoint: halved once.
+    assert result.metrics["lr"] == pytest.approx(5e-5)
+    with result.checkpoint.as_directory() as directory:
+        state = torch.load(Path(directory) / STATE_FILE, weights_only=True)
+        assert state["scheduler"]["last_epoch"] == 1 and state["position"]["epoch"] == 1
+        assert_evaluates(Path(directory) / "model.pt", demo_shards, tmp_path / "eval", "baseline")
+
+
+def train_demo(
+    config_file: Path, shards: Path, tmp_path: Path, kind: str, steps: int, *overrides: str
+) -> tuple[TrainConfig, Any]:
+    """``config_file`` (with ``overrides``) trained through Ray Train on the session's cluster for one
+    epoch of ``steps`` steps on the demo ``shards``, run ``kind`` under ``tmp_path``: the config and
+    the Ray ``Result``, whose fit succeeded with a finite validation PCK after that epoch."""
     from sm_train.trainer import build_trainer
 
     config = load_config(
-        REPO_ROOT / "configs/baseline_demo.yaml",
+        config_file,
         [
-            f"data.shards={demo_shards}",
+            f"data.shards={shards}",
             f"run.storage_path={tmp_path / 'runs'}",
-            "run.name=baseline",
-            "model.image_size=56",
+            f"run.name={kind}",
+            *overrides,
             "data.loader_workers=0",
             "data.val_batch_size=15",
             "train.epochs=1",
-            "train.max_steps_per_epoch=3",
+            f"train.max_steps_per_epoch={steps}",
             "train.log_every_steps=1",
         ],
     )
     result = build_trainer(config).fit()
     assert result.error is None
     metrics = result.metrics
-    assert metrics["epoch"] == 1 and metrics["step"] == 3 and math.isfinite(metrics["val/pck@0.1"])
-    # The epoch schedule stepped at the end of the epoch, before its checkpoint: halved once.
-    assert metrics["lr"] == pytest.approx(5e-5)
-    with result.checkpoint.as_directory() as directory:
-        checkpoint = Path(directory) / "model.pt"
-        assert load_model(checkpoint).config.kind == "baseline"
-        state = torch.load(Path(directory) / STATE_FILE, weights_only=True)
-        assert state["scheduler"]["last_epoch"] == 1 and state["position"]["epoch"] == 1
-        assert_evaluates(checkpoint, demo_shards, tmp_path / "eval", "baseline")
+    assert metrics["epoch"] == 1 and metrics["step"] == steps and math.isfinite(metrics["val/pck@0.1"])
+    return config, result
 
 
 def assert_evaluates(checkpoint: Path, shards: Path, out: Path, kind: str) -> None:
-    """``sm_eval`` scores a trained ``kind`` checkpoint on the demo test split: PCK in [0, 1] in both frames."""
+    """The trained ``checkpoint`` holds a ``kind`` model, and ``sm_eval`` scores it on the demo test
+    split: PCK in [0, 1] in both frames."""
     from sm_eval.evaluate import EvalRequest, evaluate
     from sm_eval.runner import EvalSettings
+
+    assert load_model(checkpoint).config.kind == kind
 
     report = evaluate(
         EvalRequest(

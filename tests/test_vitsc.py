@@ -35,7 +35,7 @@ from sm_model.vitsc.upsampler import FlowUpsampler, upsample
 from sm_train.config import load_config, resolve_paths, trainable_kinds
 from tests.conftest import REPO_ROOT
 from tests.random_inputs import random_images, random_keypoints
-from tests.test_train_kinds import assert_evaluates
+from tests.test_train_kinds import assert_evaluates, train_demo
 
 TINY = ModelConfig(
     kind="vitsc", backbone="dinov2_vits14", image_size=56, finetune="last_blocks", finetune_blocks=4, final_norm=True
@@ -605,27 +605,7 @@ def test_ablation_knobs(tiny: ViTSC) -> None:
 
 @pytest.mark.e2e
 def test_the_demo_trains_through_ray_train_and_evaluates(ray_cluster: str, demo_shards: Path, tmp_path: Path) -> None:
-    from sm_train.trainer import build_trainer
-
-    config = load_config(
-        REPO_ROOT / "configs/vitsc_demo.yaml",
-        [
-            f"data.shards={demo_shards}",
-            f"run.storage_path={tmp_path / 'runs'}",
-            "run.name=vitsc",
-            "data.loader_workers=0",
-            "data.val_batch_size=15",
-            "train.epochs=1",
-            "train.max_steps_per_epoch=3",
-            "train.log_every_steps=1",
-        ],
-    )
-    result = build_trainer(config).fit()
-    assert result.error is None
-    metrics = result.metrics
-    assert metrics["epoch"] == 1 and metrics["step"] == 3 and math.isfinite(metrics["val/pck@0.1"])
-    assert metrics["lr"] == pytest.approx(3e-5) and metrics["lr/backbone"] == pytest.approx(3e-6)
+    _, result = train_demo(REPO_ROOT / "configs/vitsc_demo.yaml", demo_shards, tmp_path, "vitsc", 3)
+    assert result.metrics["lr"] == pytest.approx(3e-5) and result.metrics["lr/backbone"] == pytest.approx(3e-6)
     with result.checkpoint.as_directory() as directory:
-        checkpoint = Path(directory) / "model.pt"
-        assert load_model(checkpoint).config.kind == "vitsc"
-        assert_evaluates(checkpoint, demo_shards, tmp_path / "eval", "vitsc")
+        assert_evaluates(Path(directory) / "model.pt", demo_shards, tmp_path / "eval", "vitsc")

@@ -121,8 +121,7 @@ def read_released_weights(source: str | Path | bytes, name: str | None = None) -
     if not isinstance(state, dict):
         what = "no 'state_dict' entry" if state is None else f"a {type(state).__name__} as 'state_dict', not a mapping"
         raise ValueError(f"{name} holds {what} (a released LPMFlow model_best.pth holds its weights there)")
-    named = (isinstance(key, str) and isinstance(value, Tensor) for key, value in state.items())
-    wrong = next((key for key, ok in zip(state, named) if not ok), None)
+    wrong = next((key for key, value in state.items() if not (isinstance(key, str) and isinstance(value, Tensor))), None)
     if wrong is not None or not state:
         problem = "is empty" if not state else f"entry {str(wrong)[:80]!r} is not a tensor under a name"
         raise ValueError(f"{name}: its 'state_dict' {problem}")
